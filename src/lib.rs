@@ -1,0 +1,32 @@
+//! lorag: the PostgreSQL side. This crate is glue only (STYLE.md §1): it adapts the pure crates
+//! under `crates/` to PostgreSQL's function manager, types and errors.
+//!
+//! The `vector` type's SQL (type, casts, operators, opclasses, aggregates) is hand-written in
+//! `sql/vector.sql`, because its on-disk layout and I/O functions must match pgvector's
+//! exactly; the C-ABI functions it names are in [`vector`].
+
+#[cfg(any(test, feature = "pg_test"))]
+use pgrx::prelude::*;
+
+::pgrx::pg_module_magic!(name, version);
+
+mod error;
+mod fmgr;
+pub mod vector;
+
+pgrx::extension_sql_file!("../sql/vector.sql", name = "vector", bootstrap);
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}
