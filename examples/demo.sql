@@ -1,0 +1,40 @@
+-- lorag demo: what `make demo` runs against the local server.
+\timing off
+\pset footer off
+DROP EXTENSION IF EXISTS lorag CASCADE;
+CREATE EXTENSION lorag;
+
+\echo '--- a pgvector-compatible vector column'
+CREATE TABLE items (id bigserial PRIMARY KEY, name text, embedding vector(3));
+INSERT INTO items (name, embedding) VALUES
+    ('north', '[0,1,0]'), ('north-east', '[0.7,0.7,0]'), ('east', '[1,0,0]'),
+    ('up', '[0,0,1]'), ('south-west', '[-0.7,-0.7,0]');
+
+\echo '--- nearest neighbours of [0.9,0.4,0] by cosine distance (<=>), L2 (<->) and inner product (<#>)'
+SELECT name, round((embedding <=> '[0.9,0.4,0]')::numeric, 4) AS cosine,
+       round((embedding <-> '[0.9,0.4,0]')::numeric, 4) AS l2,
+       round((embedding <#> '[0.9,0.4,0]')::numeric, 4) AS neg_inner
+FROM items ORDER BY embedding <=> '[0.9,0.4,0]' LIMIT 3;
+
+\echo '--- functions, arithmetic and aggregates'
+SELECT vector_dims(embedding), vector_norm(embedding), l2_normalize(embedding + '[1,1,1]'),
+       subvector(embedding, 1, 2)
+FROM items WHERE name = 'north-east';
+SELECT avg(embedding), sum(embedding) FROM items;
+
+\echo '--- 20,000 random 384-dimension vectors, exact top-5 cosine search'
+CREATE TABLE docs AS
+SELECT i AS id, (SELECT array_agg(random() - 0.5) FROM generate_series(1, 384) WHERE i > 0)::vector(384) AS embedding
+FROM generate_series(1, 20000) i;
+\timing on
+SELECT id, round((embedding <=> (SELECT embedding FROM docs WHERE id = 1))::numeric, 4) AS distance
+FROM docs ORDER BY embedding <=> (SELECT embedding FROM docs WHERE id = 1) LIMIT 5;
+\timing off
+
+\echo '--- bad input is a clean ERROR with an SQLSTATE'
+\set ON_ERROR_STOP 0
+\set VERBOSITY verbose
+SELECT '[1,2]'::vector <-> '[1,2,3]';
+INSERT INTO items (name, embedding) VALUES ('bad', '[1,2]');
+SELECT '[1,NaN]'::vector;
+DROP TABLE docs;
