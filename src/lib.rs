@@ -5,8 +5,6 @@
 //! `sql/vector.sql`, because its on-disk layout and I/O functions must match pgvector's
 //! exactly; the C-ABI functions it names are in [`vector`].
 
-#[cfg(any(test, feature = "pg_test"))]
-use pgrx::prelude::*;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -17,8 +15,7 @@ pub mod vector;
 pgrx::extension_sql_file!("../sql/vector.sql", name = "vector", bootstrap);
 
 #[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
-mod tests;
+mod pg_tests;
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

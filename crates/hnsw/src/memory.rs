@@ -1,0 +1,133 @@
+//! The graph in RAM: used to build an index before it is written to pages, and by the tests.
+//! Neighbour lists keep their distances so that back-links can be pruned without recomputing
+//! the distance of every existing neighbour.
+
+use crate::insert::select_neighbors;
+use crate::{Candidate, Metric, Params, Storage, StorageMut};
+
+pub struct MemoryGraph {
+    pub params: Params,
+    pub dim: usize,
+    vectors: Vec<f32>,
+    /// `links[id][level]`: neighbours with their distance to `id`.
+    links: Vec<Vec<Vec<Candidate>>>,
+    deleted: Vec<bool>,
+    entry: Option<(u32, usize)>,
+}
+
+impl MemoryGraph {
+    pub fn new(params: Params, dim: usize) -> Self {
+        MemoryGraph { params, dim, vectors: Vec::new(), links: Vec::new(), deleted: Vec::new(), entry: None }
+    }
+
+    pub fn len(&self) -> usize {
+        self.links.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    /// Bytes this graph uses (vectors, lists, bookkeeping), to compare with a memory budget.
+    pub fn memory_bytes(&self) -> usize {
+        let lists: usize = self
+            .links
+            .iter()
+            .map(|l| 24 + l.iter().map(|n| 24 + n.capacity() * 8).sum::<usize>())
+            .sum();
+        self.vectors.capacity() * 4 + lists + self.deleted.capacity()
+    }
+
+    /// Estimated bytes per element, for the budget check before adding one.
+    pub fn bytes_per_element(&self) -> usize {
+        self.dim * 4 + 24 + 24 + (self.params.max_neighbors(0) + 1) * 8 + 1
+    }
+
+    pub fn level(&self, id: u32) -> usize {
+        self.links[id as usize].len() - 1
+    }
+
+    pub fn vector(&self, id: u32) -> &[f32] {
+        let start = id as usize * self.dim;
+        &self.vectors[start..start + self.dim]
+    }
+
+    pub fn neighbor_ids(&self, id: u32, level: usize) -> impl Iterator<Item = u32> + '_ {
+        self.links[id as usize].get(level).into_iter().flatten().map(|c| c.id)
+    }
+
+    pub fn mark_deleted(&mut self, id: u32) {
+        self.deleted[id as usize] = true;
+    }
+
+    /// Adds a prepared (normalised for cosine) vector at `level` and links it; returns its id.
+    pub fn add(&mut self, vector: &[f32], level: usize) -> u32 {
+        assert_eq!(vector.len(), self.dim);
+        let id = self.links.len() as u32;
+        self.vectors.extend_from_slice(vector);
+        self.links.push(vec![Vec::new(); level + 1]);
+        self.deleted.push(false);
+        let params = self.params;
+        crate::insert::insert(self, &params, id, vector, level);
+        id
+    }
+}
+
+impl Storage for MemoryGraph {
+    fn metric(&self) -> Metric {
+        self.params.metric
+    }
+
+    fn entry_point(&self) -> Option<(u32, usize)> {
+        self.entry
+    }
+
+    fn with_vector<R>(&self, id: u32, f: impl FnOnce(&[f32]) -> R) -> R {
+        f(self.vector(id))
+    }
+
+    fn neighbors(&self, id: u32, level: usize, out: &mut Vec<u32>) {
+        out.clear();
+        out.extend(self.neighbor_ids(id, level));
+    }
+
+    fn is_deleted(&self, id: u32) -> bool {
+        self.deleted[id as usize]
+    }
+
+    fn distance_between(&self, a: u32, b: u32) -> f32 {
+        self.params.metric.distance(self.vector(a), self.vector(b))
+    }
+}
+
+impl StorageMut for MemoryGraph {
+    fn set_neighbors(&mut self, id: u32, level: usize, neighbors: &[u32]) {
+        let list: Vec<Candidate> = neighbors
+            .iter()
+            .map(|&n| Candidate { id: n, distance: self.distance_between(id, n) })
+            .collect();
+        self.links[id as usize][level] = list;
+    }
+
+    fn set_entry_point(&mut self, entry: Option<(u32, usize)>) {
+        self.entry = entry;
+    }
+
+    fn add_back_link(&mut self, params: &Params, id: u32, level: usize, new: u32, distance: f32) {
+        let max = params.max_neighbors(level);
+        let list = &mut self.links[id as usize][level];
+        if list.iter().any(|c| c.id == new) {
+            return;
+        }
+        let cand = Candidate { id: new, distance };
+        if list.len() < max {
+            list.push(cand);
+            return;
+        }
+        let mut candidates = std::mem::take(list);
+        candidates.push(cand);
+        candidates.sort();
+        let kept = select_neighbors(self, &candidates, max);
+        self.links[id as usize][level] = kept;
+    }
+}
