@@ -4,7 +4,7 @@
 //! directions), link both ways, and raise the entry point when the element is the highest.
 
 use crate::search::{greedy, search_layer};
-use crate::{Candidate, Params, Storage, StorageMut, Visited};
+use crate::{Candidate, Id, Params, Storage, StorageMut, Visited};
 
 /// The heuristic: from `candidates` sorted closest first, up to `m` diverse neighbours; when
 /// fewer pass, the closest rejected ones fill the list (hnswlib's `keepPrunedConnections`).
@@ -40,7 +40,7 @@ pub fn select_neighbors<S: Storage + ?Sized>(s: &S, candidates: &[Candidate], m:
 }
 
 /// Links element `id` (already stored, with `vector` and `level`) into the graph.
-pub fn insert<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: u32, vector: &[f32], level: usize) {
+pub fn insert<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: Id, vector: &[f32], level: usize) {
     let Some((entry, top)) = s.entry_point() else {
         s.set_entry_point(Some((id, level)));
         return;
@@ -57,7 +57,7 @@ pub fn insert<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: u32, vecto
         let found = search_layer(s, vector, &entries, params.ef_construction, l, &mut visited);
         let live: Vec<Candidate> = found.iter().copied().filter(|c| c.id != id).collect();
         let neighbors = select_neighbors(s, &live, params.max_neighbors(l));
-        let ids: Vec<u32> = neighbors.iter().map(|c| c.id).collect();
+        let ids: Vec<Id> = neighbors.iter().map(|c| c.id).collect();
         s.set_neighbors(id, l, &ids);
         for n in &neighbors {
             s.add_back_link(params, n.id, l, id, n.distance);

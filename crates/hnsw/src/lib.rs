@@ -29,6 +29,9 @@ pub const MIN_EF_CONSTRUCTION: usize = 4;
 pub const MAX_EF_CONSTRUCTION: usize = 1000;
 pub const DEFAULT_EF_CONSTRUCTION: usize = 64;
 pub const DEFAULT_EF_SEARCH: usize = 40;
+/// An element's id: dense in memory, a packed (block, offset) on pages.
+pub type Id = u64;
+
 /// Levels above this are never drawn (probability m^-16: never, in practice).
 pub const MAX_LEVEL: usize = 16;
 
@@ -94,7 +97,7 @@ impl Params {
 /// An element and its distance to the query at hand. Ordered by distance, then id.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
-    pub id: u32,
+    pub id: Id,
     pub distance: f32,
 }
 
@@ -117,20 +120,20 @@ impl PartialOrd for Candidate {
 pub trait Storage {
     fn metric(&self) -> Metric;
     /// The element searches start from, and its level.
-    fn entry_point(&self) -> Option<(u32, usize)>;
+    fn entry_point(&self) -> Option<(Id, usize)>;
     /// Calls `f` with element `id`'s vector (normalised for cosine).
-    fn with_vector<R>(&self, id: u32, f: impl FnOnce(&[f32]) -> R) -> R;
+    fn with_vector<R>(&self, id: Id, f: impl FnOnce(&[f32]) -> R) -> R;
     /// Element `id`'s neighbours at `level`, into `out` (cleared first).
-    fn neighbors(&self, id: u32, level: usize, out: &mut Vec<u32>);
+    fn neighbors(&self, id: Id, level: usize, out: &mut Vec<Id>);
     /// Deleted elements still route searches until repaired but are never results.
-    fn is_deleted(&self, id: u32) -> bool;
+    fn is_deleted(&self, id: Id) -> bool;
 
-    fn distance(&self, query: &[f32], id: u32) -> f32 {
+    fn distance(&self, query: &[f32], id: Id) -> f32 {
         let metric = self.metric();
         self.with_vector(id, |v| metric.distance(query, v))
     }
 
-    fn distance_between(&self, a: u32, b: u32) -> f32 {
+    fn distance_between(&self, a: Id, b: Id) -> f32 {
         let va = self.with_vector(a, |v| v.to_vec());
         self.distance(&va, b)
     }
@@ -138,14 +141,14 @@ pub trait Storage {
 
 /// What inserting and repairing write.
 pub trait StorageMut: Storage {
-    fn set_neighbors(&mut self, id: u32, level: usize, neighbors: &[u32]);
+    fn set_neighbors(&mut self, id: Id, level: usize, neighbors: &[Id]);
     /// Makes `(id, level)` the entry point; `None` when the graph has no live element left.
-    fn set_entry_point(&mut self, entry: Option<(u32, usize)>);
+    fn set_entry_point(&mut self, entry: Option<(Id, usize)>);
 
     /// Adds `new` (at `distance` from `id`) to `id`'s list at `level`, pruning a full list with
     /// the selection heuristic. The default re-reads the list, as page storage must; storage
     /// that can lock the list overrides it to make the read-modify-write atomic.
-    fn add_back_link(&mut self, params: &Params, id: u32, level: usize, new: u32, distance: f32) {
+    fn add_back_link(&mut self, params: &Params, id: Id, level: usize, new: Id, distance: f32) {
         let mut current = Vec::new();
         self.neighbors(id, level, &mut current);
         if current.contains(&new) {
@@ -164,7 +167,7 @@ pub trait StorageMut: Storage {
         candidates.push(Candidate { id: new, distance });
         candidates.sort();
         let kept = insert::select_neighbors(self, &candidates, max);
-        let ids: Vec<u32> = kept.iter().map(|c| c.id).collect();
+        let ids: Vec<Id> = kept.iter().map(|c| c.id).collect();
         self.set_neighbors(id, level, &ids);
     }
 }
@@ -222,11 +225,11 @@ mod tests {
     use super::testdata::{gaussian_mixture, Rng};
     use super::*;
 
-    fn exact(data: &[Vec<f32>], q: &[f32], metric: Metric, k: usize) -> Vec<u32> {
+    fn exact(data: &[Vec<f32>], q: &[f32], metric: Metric, k: usize) -> Vec<Id> {
         let mut all: Vec<Candidate> = data
             .iter()
             .enumerate()
-            .map(|(i, v)| Candidate { id: i as u32, distance: metric.distance(q, v) })
+            .map(|(i, v)| Candidate { id: i as Id, distance: metric.distance(q, v) })
             .collect();
         all.sort();
         all.iter().take(k).map(|c| c.id).collect()
@@ -248,7 +251,7 @@ mod tests {
         for q in queries {
             let q = g.params.metric.prepare(q).unwrap();
             let want = exact(data, &q, g.params.metric, 10);
-            let got: Vec<u32> = knn(g, &q, 10, ef).iter().map(|c| c.id).collect();
+            let got: Vec<Id> = knn(g, &q, 10, ef).iter().map(|c| c.id).collect();
             hits += got.iter().filter(|id| want.contains(id)).count();
         }
         hits as f64 / (10 * queries.len()) as f64
@@ -270,7 +273,7 @@ mod tests {
         let data = gaussian_mixture(2000, 16, 10, 5);
         let g = build(&data, Metric::L2);
         let mut buf = Vec::new();
-        for id in 0..g.len() as u32 {
+        for id in 0..g.len() as Id {
             for l in 0..=g.level(id) {
                 g.neighbors(id, l, &mut buf);
                 assert!(buf.len() <= g.params.max_neighbors(l));
@@ -312,15 +315,15 @@ mod tests {
     fn repair_after_deleting_a_third_keeps_recall_and_no_dangling_edges() {
         let data = gaussian_mixture(4000, 32, 10, 11);
         let mut g = build(&data, Metric::Cosine);
-        for id in (0..data.len() as u32).filter(|i| i % 3 == 0) {
+        for id in (0..data.len() as Id).filter(|i| i % 3 == 0) {
             g.mark_deleted(id);
         }
         // the entry point may be among them
-        let elements: Vec<(u32, usize)> = (0..g.len() as u32).map(|i| (i, g.level(i))).collect();
+        let elements: Vec<(Id, usize)> = (0..g.len() as Id).map(|i| (i, g.level(i))).collect();
         let params = g.params;
         repair::repair_all(&mut g, &params, &elements);
         let mut buf = Vec::new();
-        for id in (0..g.len() as u32).filter(|i| i % 3 != 0) {
+        for id in (0..g.len() as Id).filter(|i| i % 3 != 0) {
             for l in 0..=g.level(id) {
                 g.neighbors(id, l, &mut buf);
                 assert!(buf.iter().all(|&n| n % 3 != 0), "{id} still points at a deleted element");
@@ -329,13 +332,13 @@ mod tests {
         let (entry, _) = g.entry_point().unwrap();
         assert_ne!(entry % 3, 0);
         let live: Vec<Vec<f32>> = data.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(_, v)| v.clone()).collect();
-        let ids: Vec<u32> = (0..data.len() as u32).filter(|i| i % 3 != 0).collect();
+        let ids: Vec<Id> = (0..data.len() as Id).filter(|i| i % 3 != 0).collect();
         let queries = gaussian_mixture(50, 32, 10, 12);
         let mut hits = 0;
         for q in &queries {
             let q = Metric::Cosine.prepare(q).unwrap();
-            let want: Vec<u32> = exact(&live, &q, Metric::Cosine, 10).iter().map(|&i| ids[i as usize]).collect();
-            let got: Vec<u32> = knn(&g, &q, 30, 80).into_iter().filter(|c| !g.is_deleted(c.id)).take(10).map(|c| c.id).collect();
+            let want: Vec<Id> = exact(&live, &q, Metric::Cosine, 10).iter().map(|&i| ids[i as usize]).collect();
+            let got: Vec<Id> = knn(&g, &q, 30, 80).into_iter().filter(|c| !g.is_deleted(c.id)).take(10).map(|c| c.id).collect();
             hits += got.iter().filter(|id| want.contains(id)).count();
         }
         let r = hits as f64 / (10 * queries.len()) as f64;

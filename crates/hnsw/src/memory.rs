@@ -3,7 +3,7 @@
 //! the distance of every existing neighbour.
 
 use crate::insert::select_neighbors;
-use crate::{Candidate, Metric, Params, Storage, StorageMut};
+use crate::{Candidate, Id, Metric, Params, Storage, StorageMut};
 
 pub struct MemoryGraph {
     pub params: Params,
@@ -12,7 +12,7 @@ pub struct MemoryGraph {
     /// `links[id][level]`: neighbours with their distance to `id`.
     links: Vec<Vec<Vec<Candidate>>>,
     deleted: Vec<bool>,
-    entry: Option<(u32, usize)>,
+    entry: Option<(Id, usize)>,
 }
 
 impl MemoryGraph {
@@ -43,27 +43,27 @@ impl MemoryGraph {
         self.dim * 4 + 24 + 24 + (self.params.max_neighbors(0) + 1) * 8 + 1
     }
 
-    pub fn level(&self, id: u32) -> usize {
+    pub fn level(&self, id: Id) -> usize {
         self.links[id as usize].len() - 1
     }
 
-    pub fn vector(&self, id: u32) -> &[f32] {
+    pub fn vector(&self, id: Id) -> &[f32] {
         let start = id as usize * self.dim;
         &self.vectors[start..start + self.dim]
     }
 
-    pub fn neighbor_ids(&self, id: u32, level: usize) -> impl Iterator<Item = u32> + '_ {
+    pub fn neighbor_ids(&self, id: Id, level: usize) -> impl Iterator<Item = Id> + '_ {
         self.links[id as usize].get(level).into_iter().flatten().map(|c| c.id)
     }
 
-    pub fn mark_deleted(&mut self, id: u32) {
+    pub fn mark_deleted(&mut self, id: Id) {
         self.deleted[id as usize] = true;
     }
 
     /// Adds a prepared (normalised for cosine) vector at `level` and links it; returns its id.
-    pub fn add(&mut self, vector: &[f32], level: usize) -> u32 {
+    pub fn add(&mut self, vector: &[f32], level: usize) -> Id {
         assert_eq!(vector.len(), self.dim);
-        let id = self.links.len() as u32;
+        let id = self.links.len() as Id;
         self.vectors.extend_from_slice(vector);
         self.links.push(vec![Vec::new(); level + 1]);
         self.deleted.push(false);
@@ -78,30 +78,30 @@ impl Storage for MemoryGraph {
         self.params.metric
     }
 
-    fn entry_point(&self) -> Option<(u32, usize)> {
+    fn entry_point(&self) -> Option<(Id, usize)> {
         self.entry
     }
 
-    fn with_vector<R>(&self, id: u32, f: impl FnOnce(&[f32]) -> R) -> R {
+    fn with_vector<R>(&self, id: Id, f: impl FnOnce(&[f32]) -> R) -> R {
         f(self.vector(id))
     }
 
-    fn neighbors(&self, id: u32, level: usize, out: &mut Vec<u32>) {
+    fn neighbors(&self, id: Id, level: usize, out: &mut Vec<Id>) {
         out.clear();
         out.extend(self.neighbor_ids(id, level));
     }
 
-    fn is_deleted(&self, id: u32) -> bool {
+    fn is_deleted(&self, id: Id) -> bool {
         self.deleted[id as usize]
     }
 
-    fn distance_between(&self, a: u32, b: u32) -> f32 {
+    fn distance_between(&self, a: Id, b: Id) -> f32 {
         self.params.metric.distance(self.vector(a), self.vector(b))
     }
 }
 
 impl StorageMut for MemoryGraph {
-    fn set_neighbors(&mut self, id: u32, level: usize, neighbors: &[u32]) {
+    fn set_neighbors(&mut self, id: Id, level: usize, neighbors: &[Id]) {
         let list: Vec<Candidate> = neighbors
             .iter()
             .map(|&n| Candidate { id: n, distance: self.distance_between(id, n) })
@@ -109,11 +109,11 @@ impl StorageMut for MemoryGraph {
         self.links[id as usize][level] = list;
     }
 
-    fn set_entry_point(&mut self, entry: Option<(u32, usize)>) {
+    fn set_entry_point(&mut self, entry: Option<(Id, usize)>) {
         self.entry = entry;
     }
 
-    fn add_back_link(&mut self, params: &Params, id: u32, level: usize, new: u32, distance: f32) {
+    fn add_back_link(&mut self, params: &Params, id: Id, level: usize, new: Id, distance: f32) {
         let max = params.max_neighbors(level);
         let list = &mut self.links[id as usize][level];
         if list.iter().any(|c| c.id == new) {

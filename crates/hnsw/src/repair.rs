@@ -4,10 +4,10 @@
 //! entry point is replaced by the live element with the highest level.
 
 use crate::insert::select_neighbors;
-use crate::{Candidate, Params, StorageMut};
+use crate::{Candidate, Id, Params, StorageMut};
 
 /// Repairs `id`'s lists; returns true when one changed. `level` is the element's level.
-pub fn repair_element<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: u32, level: usize) -> bool {
+pub fn repair_element<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: Id, level: usize) -> bool {
     let mut changed = false;
     let mut list = Vec::new();
     let mut second = Vec::new();
@@ -16,7 +16,7 @@ pub fn repair_element<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: u3
         if !list.iter().any(|&n| s.is_deleted(n)) {
             continue;
         }
-        let mut pool: Vec<u32> = Vec::new();
+        let mut pool: Vec<Id> = Vec::new();
         for &n in &list {
             if !s.is_deleted(n) {
                 pool.push(n);
@@ -32,7 +32,7 @@ pub fn repair_element<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: u3
             pool.iter().map(|&n| Candidate { id: n, distance: s.distance(&query, n) }).collect();
         candidates.sort();
         let kept = select_neighbors(s, &candidates, params.max_neighbors(l));
-        let ids: Vec<u32> = kept.iter().map(|c| c.id).collect();
+        let ids: Vec<Id> = kept.iter().map(|c| c.id).collect();
         s.set_neighbors(id, l, &ids);
         changed = true;
     }
@@ -40,7 +40,7 @@ pub fn repair_element<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: u3
 }
 
 /// Repairs every live element in `elements` (ids with their levels), then the entry point.
-pub fn repair_all<S: StorageMut + ?Sized>(s: &mut S, params: &Params, elements: &[(u32, usize)]) {
+pub fn repair_all<S: StorageMut + ?Sized>(s: &mut S, params: &Params, elements: &[(Id, usize)]) {
     for &(id, level) in elements {
         if !s.is_deleted(id) {
             repair_element(s, params, id, level);

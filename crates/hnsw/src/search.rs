@@ -1,12 +1,12 @@
 //! Searching: greedy descent through the upper layers, best-first search with a bounded result
 //! set (`ef`) on a layer, and [`Scan`], a layer-0 search that can resume for more results.
 
-use crate::{Candidate, Storage, Visited};
+use crate::{Candidate, Id, Storage, Visited};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 /// From `entry`, moves to the closest neighbour at `level` until none is closer.
-pub fn greedy<S: Storage + ?Sized>(s: &S, query: &[f32], mut entry: Candidate, level: usize, buf: &mut Vec<u32>) -> Candidate {
+pub fn greedy<S: Storage + ?Sized>(s: &S, query: &[f32], mut entry: Candidate, level: usize, buf: &mut Vec<Id>) -> Candidate {
     loop {
         let mut improved = false;
         s.neighbors(entry.id, level, buf);
@@ -95,7 +95,7 @@ pub struct Scan {
     discarded: BinaryHeap<Reverse<Candidate>>,
     visited: Visited,
     started: bool,
-    buf: Vec<u32>,
+    buf: Vec<Id>,
 }
 
 impl Scan {
