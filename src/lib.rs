@@ -10,9 +10,20 @@
 
 mod error;
 mod fmgr;
+mod guc;
+pub mod hnsw;
 pub mod vector;
 
 pgrx::extension_sql_file!("../sql/vector.sql", name = "vector", bootstrap);
+pgrx::extension_sql_file!("../sql/hnsw.sql", name = "hnsw", requires = ["vector"]);
+
+/// Runs when a backend first loads lorag. Registers settings and index options only: it never
+/// loads a model or starts a thread (forked backends would inherit them).
+#[pgrx::pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::init();
+    hnsw::init();
+}
 
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;

@@ -37,6 +37,11 @@ impl<'a> VectorRef<'a> {
         unsafe { (self.ptr.add(4) as *const i16).read() }.max(0) as usize
     }
 
+    /// The detoasted datum (differs from the argument when detoasting made a copy).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
     pub fn as_slice(&self) -> &'a [f32] {
         // Safety: `dim` float4s follow the header, 4-byte aligned (typalign 'i').
         unsafe { std::slice::from_raw_parts(self.ptr.add(HEADER_SIZE) as *const f32, self.dim()) }

@@ -1,0 +1,52 @@
+//! Every GUC lorag defines, in one place (STYLE.md §6).
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+
+/// `hnsw.ef_search`: candidates kept per index scan batch.
+pub static HNSW_EF_SEARCH: GucSetting<i32> = GucSetting::<i32>::new(lorag_hnsw::DEFAULT_EF_SEARCH as i32);
+/// `hnsw.max_scan_tuples`: how many elements an iterative scan may visit.
+pub static HNSW_MAX_SCAN_TUPLES: GucSetting<i32> = GucSetting::<i32>::new(20_000);
+pub static HNSW_ITERATIVE_SCAN: GucSetting<IterativeScan> = GucSetting::<IterativeScan>::new(IterativeScan::Off);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PostgresGucEnum)]
+pub enum IterativeScan {
+    #[name = c"off"]
+    Off,
+    #[name = c"relaxed_order"]
+    RelaxedOrder,
+    #[name = c"strict_order"]
+    StrictOrder,
+}
+
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"hnsw.ef_search",
+        c"Size of the dynamic candidate list of an hnsw index scan.",
+        c"Larger values find more of the true nearest neighbours (recall) and take longer.",
+        &HNSW_EF_SEARCH,
+        1,
+        1000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"hnsw.iterative_scan",
+        c"Whether an hnsw index scan continues past ef_search results.",
+        c"With a selective WHERE clause, off may return fewer rows than LIMIT; relaxed_order and strict_order keep searching (strict_order never returns a row closer than one already returned).",
+        &HNSW_ITERATIVE_SCAN,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"hnsw.max_scan_tuples",
+        c"Most elements an iterative hnsw index scan visits.",
+        c"Bounds the work of a query whose filter matches few rows.",
+        &HNSW_MAX_SCAN_TUPLES,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    // Safety: called from _PG_init, in the main thread.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"hnsw".as_ptr()) };
+}
