@@ -49,3 +49,6 @@ sqltest:
 
 bench:
 	cargo bench -p lorag-vector --bench distance
+
+bench-hnsw: install start
+	$(PGENV) && .venv/bin/pip install -q hnswlib && .venv/bin/python benches/hnsw_bench.py

@@ -1,11 +1,14 @@
 //! CREATE INDEX: `ambuild` and `ambuildempty`.
 //!
-//! Phases: the heap is scanned and every vector inserted into an in-memory graph
-//! ([`MemoryGraph`], the fast path); the graph is then laid out on pages in one pass and
-//! WAL-logged with `log_newpage_range`. When the graph would outgrow `maintenance_work_mem`,
-//! a NOTICE says so, what was built is written out, and the remaining rows are inserted
-//! through the on-disk insert path (correct, but slower). Per-tuple memory is freed as soon as
-//! the vector is copied; interrupts are checked for every tuple.
+//! Phases: the heap is scanned and every vector collected (normalised for cosine) with its
+//! heap TID and a random level; the graph is built in memory by worker threads
+//! (`lorag_hnsw::parallel`, `max_parallel_maintenance_workers + 1` of them, at most one per
+//! core) while this backend's main thread waits, reporting progress and watching for cancel;
+//! the graph is then laid out on pages in one pass and WAL-logged with `log_newpage_range`.
+//! When the vectors and graph would outgrow `maintenance_work_mem`, a NOTICE says so, what was
+//! collected is built and written out, and the remaining rows are inserted through the on-disk
+//! insert path (correct, but slower). Per-tuple memory is freed as soon as the vector is
+//! copied; interrupts are checked for every tuple.
 
 use super::insert::insert_vector;
 use super::page::*;
@@ -24,7 +27,9 @@ struct BuildState {
     params: Params,
     dim: usize,
     max_level: usize,
-    graph: MemoryGraph,
+    /// Collected vectors, `dim` floats each, and their levels and heap TIDs.
+    vectors: Vec<f32>,
+    levels: Vec<usize>,
     heap_tids: Vec<pg_sys::ItemPointerData>,
     memory_limit: usize,
     /// Set once the graph was written out: later rows go through the on-disk insert path.
@@ -69,7 +74,8 @@ pub unsafe extern "C-unwind" fn ambuild(
         params,
         dim,
         max_level: max_level(m),
-        graph: MemoryGraph::new(params, dim.max(1)),
+        vectors: Vec::new(),
+        levels: Vec::new(),
         heap_tids: Vec::new(),
         // Safety: a GUC variable, read in the main thread.
         memory_limit: unsafe { pg_sys::maintenance_work_mem } as usize * 1024,
@@ -92,8 +98,7 @@ pub unsafe extern "C-unwind" fn ambuild(
         );
     }
     if !state.spilled {
-        progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_WRITE);
-        write_graph(&mut state);
+        build_and_write(&mut state);
     }
     // Safety: rd_rel is valid for an open relation.
     if unsafe { (*(*index).rd_rel).relpersistence } as u8 == pg_sys::RELPERSISTENCE_PERMANENT {
@@ -134,7 +139,6 @@ unsafe extern "C-unwind" fn build_callback(
     if state.dim == 0 {
         state.dim = v.len();
         check_dimensions(v.len(), 0);
-        state.graph = MemoryGraph::new(state.params, v.len());
         let storage_dim = v.len() as u32;
         update_meta_direct(state.index, |meta| meta.dim = storage_dim);
     }
@@ -142,12 +146,13 @@ unsafe extern "C-unwind" fn build_callback(
     if state.spilled {
         insert_vector(state.index, v, heap_tid, true);
     } else if let Some(prepared) = state.params.metric.prepare(v) {
-        if state.graph.memory_bytes() + state.graph.bytes_per_element() > state.memory_limit {
+        if (state.levels.len() + 1) * bytes_per_element(state.dim, state.params.m) > state.memory_limit {
             spill(state);
             insert_vector(state.index, v, heap_tid, true);
         } else {
             let level = state.params.level_for(state.rng.uniform()).min(state.max_level);
-            state.graph.add(&prepared, level);
+            state.vectors.extend_from_slice(&prepared);
+            state.levels.push(level);
             state.heap_tids.push(heap_tid);
         }
     } else {
@@ -165,20 +170,50 @@ fn vector_was_copied(raw: pg_sys::Datum, v: &VectorRef<'_>) -> bool {
     raw.cast_mut_ptr::<u8>() as *const u8 != v.as_ptr()
 }
 
+/// Memory one element takes while building: its vector, its lists (2m neighbours with
+/// distances on layer 0, a little more above) and bookkeeping.
+fn bytes_per_element(dim: usize, m: usize) -> usize {
+    4 * dim + 8 * (2 * m + 2) + 3 * 24 + 8 + 6
+}
+
+/// Builds the graph of what was collected with worker threads and writes it to pages.
+fn build_and_write(state: &mut BuildState) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        // Safety: a GUC variable, read in the main thread.
+        .min(unsafe { pg_sys::max_parallel_maintenance_workers }.max(0) as usize + 1);
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let vectors = std::mem::take(&mut state.vectors);
+    let dim = state.dim.max(1);
+    let graph = lorag_hnsw::parallel::build_with(state.params, dim, vectors, &state.levels, threads, &cancel, |done| {
+        // Safety: the main thread reads the interrupt flag that signal handlers set.
+        if unsafe { pg_sys::InterruptPending } != 0 {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, done as i64);
+    });
+    let Some(graph) = graph else {
+        check_for_interrupts!();
+        unreachable!("the build is only cancelled by an interrupt");
+    };
+    progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_WRITE);
+    write_graph(state, &graph);
+    state.levels = Vec::new();
+    state.heap_tids = Vec::new();
+}
+
 fn spill(state: &mut BuildState) {
     let mut report = pgrx::pg_sys::panic::ErrorReport::new(
         pgrx::PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-        format!("hnsw graph no longer fits into maintenance_work_mem after {} tuples", state.graph.len()),
+        format!("hnsw graph no longer fits into maintenance_work_mem after {} tuples", state.levels.len()),
         "lorag",
     );
     report = report
         .set_detail("Building will take significantly more time.")
         .set_hint("Increase maintenance_work_mem to speed up builds.");
     report.report(pgrx::PgLogLevel::NOTICE);
-    write_graph(state);
+    build_and_write(state);
     state.spilled = true;
-    state.graph = MemoryGraph::new(state.params, state.dim.max(1));
-    state.heap_tids = Vec::new();
 }
 
 fn relation_name(rel: pg_sys::Relation) -> String {
@@ -257,8 +292,7 @@ impl Layout {
 }
 
 /// Writes the in-memory graph to pages after the meta page and points the meta page at it.
-fn write_graph(state: &mut BuildState) {
-    let g = &state.graph;
+fn write_graph(state: &BuildState, g: &MemoryGraph) {
     let n = g.len();
     let (m, dim) = (state.params.m, state.dim);
     let first_block = number_of_blocks(state.index);

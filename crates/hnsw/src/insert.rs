@@ -13,19 +13,13 @@ pub fn select_neighbors<S: Storage + ?Sized>(s: &S, candidates: &[Candidate], m:
         return candidates.to_vec();
     }
     let mut kept: Vec<Candidate> = Vec::with_capacity(m);
-    let mut kept_vectors: Vec<Vec<f32>> = Vec::with_capacity(m);
     let mut pruned = Vec::new();
-    let metric = s.metric();
     for &c in candidates {
         if kept.len() >= m {
             break;
         }
-        let diverse = s.with_vector(c.id, |v| {
-            kept_vectors.iter().all(|k| metric.distance(v, k) > c.distance)
-        });
-        if diverse {
+        if kept.iter().all(|k| s.distance_between(c.id, k.id) > c.distance) {
             kept.push(c);
-            kept_vectors.push(s.with_vector(c.id, |v| v.to_vec()));
         } else {
             pruned.push(c);
         }
@@ -52,11 +46,13 @@ pub fn insert<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: Id, vector
     }
     let mut entries = vec![cur];
     for l in (0..=level.min(top)).rev() {
-        let mut visited = Visited::default();
+        let mut visited = Visited::with_capacity(4 * params.ef_construction * params.m);
         visited.insert(id);
         let found = search_layer(s, vector, &entries, params.ef_construction, l, &mut visited);
         let live: Vec<Candidate> = found.iter().copied().filter(|c| c.id != id).collect();
-        let neighbors = select_neighbors(s, &live, params.max_neighbors(l));
+        // m new edges on every layer (hnswlib's choice); layer 0 lists may grow to 2m through
+        // back-links, so they are pruned less often.
+        let neighbors = select_neighbors(s, &live, params.m);
         let ids: Vec<Id> = neighbors.iter().map(|c| c.id).collect();
         s.set_neighbors(id, l, &ids);
         for n in &neighbors {

@@ -13,6 +13,7 @@
 
 pub mod insert;
 pub mod memory;
+pub mod parallel;
 pub mod repair;
 pub mod rng;
 pub mod search;
@@ -129,6 +130,9 @@ pub trait Storage {
     /// Deleted elements still route searches until repaired but are never results.
     fn is_deleted(&self, id: Id) -> bool;
 
+    /// A hint that `id`'s vector will be read soon (memory storage prefetches it into cache).
+    fn prefetch(&self, _id: Id) {}
+
     fn distance(&self, query: &[f32], id: Id) -> f32 {
         let metric = self.metric();
         self.with_vector(id, |v| metric.distance(query, v))
@@ -239,7 +243,7 @@ mod tests {
         let queries = gaussian_mixture(100, 64, 10, 2);
         for metric in [Metric::Cosine, Metric::L2, Metric::InnerProduct] {
             let g = build(&data, metric);
-            let r = recall(&g, &data, &queries, 64);
+            let r = recall(&g, &data, &queries, 100);
             assert!(r >= 0.95, "{metric:?} recall {r}");
         }
     }
@@ -337,5 +341,37 @@ mod tests {
         let above = (0..n).filter(|_| params.level_for(rng.uniform()) >= 1).count();
         let share = above as f64 / n as f64;
         assert!((share - 1.0 / 16.0).abs() < 0.005, "{share}");
+    }
+}
+
+#[cfg(test)]
+mod parallel_tests {
+    use super::testdata::gaussian_mixture;
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn parallel_build_reaches_the_same_recall() {
+        let data = gaussian_mixture(4000, 32, 10, 21);
+        let params = Params { m: 16, ef_construction: 64, metric: Metric::Cosine };
+        let mut rng = rng::Rng::new(5);
+        let levels: Vec<usize> = data.iter().map(|_| params.level_for(rng.uniform())).collect();
+        let flat: Vec<f32> = data.iter().flatten().copied().collect();
+        let g = parallel::build(params, 32, flat, &levels, 4, &AtomicBool::new(false)).unwrap();
+        assert_eq!(g.len(), data.len());
+        let top = *levels.iter().max().unwrap();
+        assert_eq!(g.entry_point().unwrap().1, top);
+        let mut hits = 0;
+        for (qi, q) in data.iter().enumerate().step_by(40) {
+            let got = search::knn(&g, q, 10, 64);
+            assert_eq!(got[0].id, qi as Id, "a point finds itself");
+            let mut all: Vec<Candidate> =
+                data.iter().enumerate().map(|(i, v)| Candidate { id: i as Id, distance: Metric::Cosine.distance(q, v) }).collect();
+            all.sort();
+            hits += got.iter().filter(|c| all[..10].iter().any(|w| w.id == c.id)).count();
+        }
+        assert!(hits as f64 / 1000.0 >= 0.95, "recall {}", hits as f64 / 1000.0);
+        let cancelled = parallel::build(params, 32, vec![0.0; 32 * 10], &[0; 10], 2, &AtomicBool::new(true));
+        assert!(cancelled.is_none());
     }
 }

@@ -20,6 +20,12 @@ impl MemoryGraph {
         MemoryGraph { params, dim, vectors: Vec::new(), links: Vec::new(), deleted: Vec::new(), entry: None }
     }
 
+    /// A graph built elsewhere (see [`crate::parallel`]).
+    pub fn from_parts(params: Params, dim: usize, vectors: Vec<f32>, links: Vec<Vec<Vec<Candidate>>>, entry: Option<(Id, usize)>) -> Self {
+        let deleted = vec![false; links.len()];
+        MemoryGraph { params, dim, vectors, links, deleted, entry }
+    }
+
     pub fn len(&self) -> usize {
         self.links.len()
     }
@@ -93,6 +99,17 @@ impl Storage for MemoryGraph {
 
     fn is_deleted(&self, id: Id) -> bool {
         self.deleted[id as usize]
+    }
+
+    fn prefetch(&self, id: Id) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let v = self.vector(id);
+            for line in (0..v.len()).step_by(16) {
+                // Safety: a prefetch of memory inside the slice; it cannot fault.
+                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(v.as_ptr().add(line) as *const i8) };
+            }
+        }
     }
 
     fn distance_between(&self, a: Id, b: Id) -> f32 {

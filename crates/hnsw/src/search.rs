@@ -55,14 +55,21 @@ pub fn search_layer<S: Storage + ?Sized>(
         results.pop();
     }
     let mut buf = Vec::new();
+    let mut fresh = Vec::new();
     while let Some(Reverse(c)) = candidates.pop() {
         if results.len() >= ef && c.distance > results.peek().map_or(f32::INFINITY, |w| w.distance) {
             break;
         }
         s.neighbors(c.id, level, &mut buf);
-        for &n in &buf {
-            if !visited.insert(n) {
-                continue;
+        fresh.clear();
+        fresh.extend(buf.iter().copied().filter(|&n| visited.insert(n)));
+        // Vectors are read from all over memory: ask for the next ones while computing this.
+        for &n in fresh.iter().take(2) {
+            s.prefetch(n);
+        }
+        for (i, &n) in fresh.iter().enumerate() {
+            if let Some(&next) = fresh.get(i + 2) {
+                s.prefetch(next);
             }
             let d = s.distance(query, n);
             if results.len() < ef || d < results.peek().map_or(f32::INFINITY, |w| w.distance) {
