@@ -47,7 +47,8 @@ max_parallel_maintenance_workers = 1
 CONF
     fi
     if ! as_owner "$BINDIR/pg_ctl" -D "$PGDATA" status >/dev/null 2>&1; then
-        as_owner "$BINDIR/pg_ctl" -D "$PGDATA" -l "$PGDATA/server.log" -w start >/dev/null
+        # Rust backtraces belong in a debugger, not in users' error DETAILs.
+        RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0 as_owner "$BINDIR/pg_ctl" -D "$PGDATA" -l "$PGDATA/server.log" -w start >/dev/null
     fi
     "$BINDIR/psql" -U postgres -d postgres -qAtc "SELECT 1 FROM pg_database WHERE datname = '$PGDATABASE'" | grep -q 1 ||
         "$BINDIR/createdb" -U postgres "$PGDATABASE"

@@ -186,15 +186,16 @@ fn build_and_write(state: &mut BuildState) {
     let vectors = std::mem::take(&mut state.vectors);
     let dim = state.dim.max(1);
     let graph = lorag_hnsw::parallel::build_with(state.params, dim, vectors, &state.levels, threads, &cancel, |done| {
-        // Safety: the main thread reads the interrupt flag that signal handlers set.
-        if unsafe { pg_sys::InterruptPending } != 0 {
+        // Safety: the main thread reads the flags that signal handlers set. Only a cancel or
+        // a termination stops the workers; other interrupts wait until they are done.
+        if unsafe { pg_sys::QueryCancelPending != 0 || pg_sys::ProcDiePending != 0 } {
             cancel.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, done as i64);
     });
+    check_for_interrupts!();
     let Some(graph) = graph else {
-        check_for_interrupts!();
-        unreachable!("the build is only cancelled by an interrupt");
+        pgrx::ereport!(ERROR, pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED, "canceling index build");
     };
     progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_WRITE);
     write_graph(state, &graph);

@@ -273,6 +273,23 @@ impl PinnedBuffer {
         }
     }
 
+    /// Pins `block` without locking it.
+    pub fn pin(index: pg_sys::Relation, block: pg_sys::BlockNumber) -> PinnedBuffer {
+        // Safety: as for `read`.
+        let buffer = unsafe {
+            pg_sys::ReadBufferExtended(index, pg_sys::ForkNumber::MAIN_FORKNUM, block, pg_sys::ReadBufferMode::RBM_NORMAL, std::ptr::null_mut())
+        };
+        PinnedBuffer { buffer, locked: false }
+    }
+
+    /// Takes the lock of a buffer pinned with [`PinnedBuffer::pin`].
+    pub fn lock(&mut self, lock: u32) {
+        debug_assert!(!self.locked);
+        // Safety: we hold the pin.
+        unsafe { pg_sys::LockBuffer(self.buffer, lock as i32) };
+        self.locked = true;
+    }
+
     /// Adds a new block at the end of `fork` and locks it exclusively.
     pub fn extend(index: pg_sys::Relation, fork: pg_sys::ForkNumber::Type, lock_extension: bool) -> PinnedBuffer {
         // Safety: as for `read`; the extension lock serialises concurrent extenders.

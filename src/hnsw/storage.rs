@@ -9,7 +9,7 @@ use lorag_hnsw::insert::select_neighbors;
 use lorag_hnsw::{Candidate, Id, Metric, Params, Storage, StorageMut};
 use pgrx::pg_sys;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use lorag_hnsw::fxhash::IdMap;
 
 pub struct PageStorage {
     pub index: pg_sys::Relation,
@@ -17,12 +17,12 @@ pub struct PageStorage {
     pub params: Params,
     /// Inside CREATE INDEX: no WAL per change (see `WalRecord`).
     pub building: bool,
-    seen: RefCell<HashMap<Id, ElementHeader>>,
+    seen: RefCell<IdMap<ElementHeader>>,
 }
 
 impl PageStorage {
     pub fn new(index: pg_sys::Relation, meta: &Meta) -> PageStorage {
-        PageStorage { index, dim: meta.dim as usize, params: meta.params(), building: false, seen: RefCell::new(HashMap::new()) }
+        PageStorage { index, dim: meta.dim as usize, params: meta.params(), building: false, seen: RefCell::new(IdMap::with_capacity_and_hasher(4096, Default::default())) }
     }
 
     /// Calls `f` with the element item `id` under a share lock.
@@ -147,6 +147,37 @@ impl Storage for PageStorage {
         }
     }
 
+    /// Pins every element's page first, prefetches the items into the CPU cache, then
+    /// computes: the memory latencies of all of them overlap instead of adding up.
+    fn distances(&self, query: &[f32], ids: &[Id], out: &mut Vec<f32>) {
+        out.clear();
+        let (dim, metric) = (self.dim, self.params.metric);
+        let mut pinned: Vec<(PinnedBuffer, pg_sys::OffsetNumber)> = ids
+            .iter()
+            .map(|&id| {
+                let (block, offset) = unpack(id);
+                (PinnedBuffer::pin(self.index, block), offset)
+            })
+            .collect();
+        for (buf, offset) in &pinned {
+            prefetch_item(buf.page(), *offset, element_size(dim));
+        }
+        let mut seen = self.seen.borrow_mut();
+        for ((buf, offset), &id) in pinned.iter_mut().zip(ids) {
+            buf.lock(pg_sys::BUFFER_LOCK_SHARE);
+            // Safety: the page is locked while the slice is in use.
+            let it = unsafe { item(buf.page(), *offset) }.filter(|it| it.len() == element_size(dim) && it[0] == ELEMENT_KIND);
+            let d = match it {
+                Some(it) => {
+                    seen.insert(id, ElementHeader::parse(it));
+                    metric.distance(query, vector_of(it, dim))
+                }
+                None => f32::INFINITY,
+            };
+            out.push(d);
+        }
+    }
+
     fn neighbors(&self, id: Id, level: usize, out: &mut Vec<Id>) {
         out.clear();
         let Some(h) = self.header(id) else { return };
@@ -208,5 +239,25 @@ impl StorageMut for PageStorage {
             let kept: Vec<Id> = kept.iter().map(|c| c.id).collect();
             (kept != current).then_some(kept)
         });
+    }
+}
+
+/// Asks the CPU to fetch item `offset` of a pinned page (read without a lock: a prefetch is only
+/// a hint and cannot fault, and items of this index never move).
+fn prefetch_item(page: pg_sys::Page, offset: pg_sys::OffsetNumber, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // Safety: the page is pinned, so its memory is valid; offsets are range-checked.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let header = page as *const pg_sys::PageHeaderData;
+        let max = ((*header).pd_lower as usize).saturating_sub(size_of_page_header()) / 4;
+        if offset == 0 || offset as usize > max {
+            return;
+        }
+        let id = pg_sys::PageGetItemId(page, offset);
+        let start = (page as *const u8).wrapping_add((*id).lp_off() as usize);
+        for line in (0..len.min(pg_sys::BLCKSZ as usize)).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line) as *const i8);
+        }
     }
 }

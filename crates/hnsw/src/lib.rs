@@ -16,6 +16,7 @@ pub mod memory;
 pub mod parallel;
 pub mod repair;
 pub mod rng;
+pub mod fxhash;
 pub mod search;
 mod visited;
 
@@ -136,6 +137,22 @@ pub trait Storage {
     fn distance(&self, query: &[f32], id: Id) -> f32 {
         let metric = self.metric();
         self.with_vector(id, |v| metric.distance(query, v))
+    }
+
+    /// Distances from `query` to each of `ids`, into `out`. Storage that can overlap the
+    /// memory accesses of several elements (page storage pins them all, then prefetches)
+    /// overrides this; the default prefetches two ahead.
+    fn distances(&self, query: &[f32], ids: &[Id], out: &mut Vec<f32>) {
+        out.clear();
+        for &n in ids.iter().take(2) {
+            self.prefetch(n);
+        }
+        for (i, &n) in ids.iter().enumerate() {
+            if let Some(&next) = ids.get(i + 2) {
+                self.prefetch(next);
+            }
+            out.push(self.distance(query, n));
+        }
     }
 
     fn distance_between(&self, a: Id, b: Id) -> f32 {

@@ -56,6 +56,7 @@ pub fn search_layer<S: Storage + ?Sized>(
     }
     let mut buf = Vec::new();
     let mut fresh = Vec::new();
+    let mut dists = Vec::new();
     while let Some(Reverse(c)) = candidates.pop() {
         if results.len() >= ef && c.distance > results.peek().map_or(f32::INFINITY, |w| w.distance) {
             break;
@@ -63,15 +64,9 @@ pub fn search_layer<S: Storage + ?Sized>(
         s.neighbors(c.id, level, &mut buf);
         fresh.clear();
         fresh.extend(buf.iter().copied().filter(|&n| visited.insert(n)));
-        // Vectors are read from all over memory: ask for the next ones while computing this.
-        for &n in fresh.iter().take(2) {
-            s.prefetch(n);
-        }
-        for (i, &n) in fresh.iter().enumerate() {
-            if let Some(&next) = fresh.get(i + 2) {
-                s.prefetch(next);
-            }
-            let d = s.distance(query, n);
+        // Vectors are read from all over memory: let the storage overlap the accesses.
+        s.distances(query, &fresh, &mut dists);
+        for (&n, &d) in fresh.iter().zip(&dists) {
             if results.len() < ef || d < results.peek().map_or(f32::INFINITY, |w| w.distance) {
                 let cand = Candidate { id: n, distance: d };
                 candidates.push(Reverse(cand));
@@ -103,6 +98,8 @@ pub struct Scan {
     visited: Visited,
     started: bool,
     buf: Vec<Id>,
+    fresh: Vec<Id>,
+    dists: Vec<f32>,
 }
 
 impl Scan {
@@ -110,9 +107,11 @@ impl Scan {
         let mut scan = Scan {
             candidates: BinaryHeap::new(),
             discarded: BinaryHeap::new(),
-            visited: Visited::default(),
+            visited: Visited::with_capacity(2048),
             started: false,
             buf: Vec::new(),
+            fresh: Vec::new(),
+            dists: Vec::new(),
         };
         if let Some(entry) = descend(s, query, 0) {
             scan.discarded.push(Reverse(entry));
@@ -148,12 +147,15 @@ impl Scan {
             }
             self.candidates.pop();
             s.neighbors(c.id, 0, &mut self.buf);
-            for i in 0..self.buf.len() {
-                let n = self.buf[i];
-                if !self.visited.insert(n) {
-                    continue;
+            self.fresh.clear();
+            for &n in &self.buf {
+                if self.visited.insert(n) {
+                    self.fresh.push(n);
                 }
-                let cand = Candidate { id: n, distance: s.distance(query, n) };
+            }
+            s.distances(query, &self.fresh, &mut self.dists);
+            for (&n, &d) in self.fresh.iter().zip(&self.dists) {
+                let cand = Candidate { id: n, distance: d };
                 let worst = results.peek().map_or(f32::INFINITY, |w| w.distance);
                 if results.len() < ef || cand.distance < worst {
                     self.candidates.push(Reverse(cand));
