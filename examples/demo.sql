@@ -29,7 +29,17 @@ FROM generate_series(1, 20000) i;
 \timing on
 SELECT id, round((embedding <=> (SELECT embedding FROM docs WHERE id = 1))::numeric, 4) AS distance
 FROM docs ORDER BY embedding <=> (SELECT embedding FROM docs WHERE id = 1) LIMIT 5;
+
+\echo '--- the same search through an hnsw index'
+SET maintenance_work_mem = '256MB';
+CREATE INDEX docs_embedding_idx ON docs USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64);
+SET hnsw.ef_search = 100;
+SELECT id, round((embedding <=> (SELECT embedding FROM docs WHERE id = 1))::numeric, 4) AS distance
+FROM docs ORDER BY embedding <=> (SELECT embedding FROM docs WHERE id = 1) LIMIT 5;
 \timing off
+EXPLAIN (COSTS OFF) SELECT id FROM docs ORDER BY embedding <=> (SELECT embedding FROM docs WHERE id = 1) LIMIT 5;
+SELECT pg_size_pretty(pg_relation_size('docs_embedding_idx')) AS index_size,
+       (SELECT count(*) FROM lorag.hnsw_check('docs_embedding_idx')) AS problems;
 
 \echo '--- bad input is a clean ERROR with an SQLSTATE'
 \set ON_ERROR_STOP 0
