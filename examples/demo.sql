@@ -41,10 +41,30 @@ EXPLAIN (COSTS OFF) SELECT id FROM docs ORDER BY embedding <=> (SELECT embedding
 SELECT pg_size_pretty(pg_relation_size('docs_embedding_idx')) AS index_size,
        (SELECT count(*) FROM lorag.hnsw_check('docs_embedding_idx')) AS problems;
 
+\echo '--- in-database embeddings (all-MiniLM-L6-v2 with candle) and semantic search'
+CREATE TABLE notes (id serial PRIMARY KEY, content text, embedding vector(384));
+INSERT INTO notes (content) VALUES
+    ('A partial index covers only the rows that satisfy its WHERE predicate.'),
+    ('VACUUM reclaims storage occupied by dead tuples.'),
+    ('The wing stalls when the angle of attack exceeds its critical value.'),
+    ('pg_dump extracts a PostgreSQL database into a script file.'),
+    ('Boundary layer transition depends on the Reynolds number.');
+\timing on
+UPDATE notes SET embedding = embed(content);
+\timing off
+CREATE INDEX ON notes USING hnsw (embedding vector_cosine_ops);
+SELECT id, content, round((embedding <=> q)::numeric, 3) AS distance
+FROM notes, (SELECT embed('How do I back up my database?') AS q) query
+ORDER BY embedding <=> q LIMIT 2;
+SELECT idx, chunk FROM chunk('PostgreSQL is a relational database. It supports indexes, views and stored procedures. ' ||
+                             'Extensions add new types and index methods. lorag is one of them.', 16, 4);
+SELECT mode, device, loaded_models, pg_size_pretty(memory_bytes) AS memory FROM lorag.worker_status();
+
 \echo '--- bad input is a clean ERROR with an SQLSTATE'
 \set ON_ERROR_STOP 0
 \set VERBOSITY verbose
 SELECT '[1,2]'::vector <-> '[1,2,3]';
 INSERT INTO items (name, embedding) VALUES ('bad', '[1,2]');
 SELECT '[1,NaN]'::vector;
+SELECT embed('hello', 'no-such-model');
 DROP TABLE docs;

@@ -33,6 +33,22 @@ pub fn select_neighbors<S: Storage + ?Sized>(s: &S, candidates: &[Candidate], m:
     kept
 }
 
+/// Adds `cand` to a neighbour list kept with distances; a full list (`max`) is pruned with
+/// the heuristic over its members and `cand`.
+pub fn link_into<S: Storage + ?Sized>(s: &S, list: &mut Vec<Candidate>, cand: Candidate, max: usize) {
+    if list.iter().any(|c| c.id == cand.id) {
+        return;
+    }
+    if list.len() < max {
+        list.push(cand);
+        return;
+    }
+    let mut candidates = std::mem::take(list);
+    candidates.push(cand);
+    candidates.sort();
+    *list = select_neighbors(s, &candidates, max);
+}
+
 /// Links element `id` (already stored, with `vector` and `level`) into the graph.
 pub fn insert<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: Id, vector: &[f32], level: usize) {
     let Some((entry, top)) = s.entry_point() else {

@@ -2,7 +2,6 @@
 //! Neighbour lists keep their distances so that back-links can be pruned without recomputing
 //! the distance of every existing neighbour.
 
-use crate::insert::select_neighbors;
 use crate::{Candidate, Id, Metric, Params, Storage, StorageMut};
 
 pub struct MemoryGraph {
@@ -102,14 +101,7 @@ impl Storage for MemoryGraph {
     }
 
     fn prefetch(&self, id: Id) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let v = self.vector(id);
-            for line in (0..v.len()).step_by(16) {
-                // Safety: a prefetch of memory inside the slice; it cannot fault.
-                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(v.as_ptr().add(line) as *const i8) };
-            }
-        }
+        crate::prefetch_slice(self.vector(id));
     }
 
     fn distance_between(&self, a: Id, b: Id) -> f32 {
@@ -131,20 +123,8 @@ impl StorageMut for MemoryGraph {
     }
 
     fn add_back_link(&mut self, params: &Params, id: Id, level: usize, new: Id, distance: f32) {
-        let max = params.max_neighbors(level);
-        let list = &mut self.links[id as usize][level];
-        if list.iter().any(|c| c.id == new) {
-            return;
-        }
-        let cand = Candidate { id: new, distance };
-        if list.len() < max {
-            list.push(cand);
-            return;
-        }
-        let mut candidates = std::mem::take(list);
-        candidates.push(cand);
-        candidates.sort();
-        let kept = select_neighbors(self, &candidates, max);
-        self.links[id as usize][level] = kept;
+        let mut list = std::mem::take(&mut self.links[id as usize][level]);
+        crate::insert::link_into(self, &mut list, Candidate { id: new, distance }, params.max_neighbors(level));
+        self.links[id as usize][level] = list;
     }
 }

@@ -4,7 +4,7 @@
 //! The threads run pure Rust on data they share read-only (the vectors): nothing here may call
 //! into PostgreSQL, and the caller keeps the main thread for that.
 
-use crate::insert::{insert, select_neighbors};
+use crate::insert::{insert, link_into, select_neighbors};
 use crate::memory::MemoryGraph;
 use crate::{Candidate, Id, Metric, Params, Storage, StorageMut};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -53,14 +53,7 @@ impl Storage for Handle<'_, '_> {
     }
 
     fn prefetch(&self, id: Id) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let v = self.0.vector(id);
-            for line in (0..v.len()).step_by(16) {
-                // Safety: a prefetch of memory inside the slice; it cannot fault.
-                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(v.as_ptr().add(line) as *const i8) };
-            }
-        }
+        crate::prefetch_slice(self.0.vector(id));
     }
 
     fn distance_between(&self, a: Id, b: Id) -> f32 {
@@ -95,20 +88,8 @@ impl StorageMut for Handle<'_, '_> {
     }
 
     fn add_back_link(&mut self, params: &Params, id: Id, level: usize, new: Id, distance: f32) {
-        let max = params.max_neighbors(level);
         let mut list = self.0.links[id as usize][level].lock().unwrap();
-        if list.iter().any(|c| c.id == new) {
-            return;
-        }
-        let cand = Candidate { id: new, distance };
-        if list.len() < max {
-            list.push(cand);
-            return;
-        }
-        let mut candidates = std::mem::take(&mut *list);
-        candidates.push(cand);
-        candidates.sort();
-        *list = select_neighbors(&*self, &candidates, max);
+        link_into(&*self, &mut list, Candidate { id: new, distance }, params.max_neighbors(level));
     }
 }
 
