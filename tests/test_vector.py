@@ -278,3 +278,36 @@ _register_raw_dumper(None)
 def test_server_never_restarted(conn, postmaster_started):
     """No test above may have crashed a backend: a crash makes the postmaster restart."""
     assert scalar(conn, "SELECT pg_postmaster_start_time()") == postmaster_started
+
+
+def test_pg_dump_and_restore_move_vectors_unchanged(conn, dsn):
+    """A dump of a table with vectors and an hnsw index restores bit-identically elsewhere."""
+    import os
+    import subprocess
+
+    register_vector(conn)
+    conn.execute("DROP TABLE IF EXISTS dumped")
+    conn.execute("CREATE TABLE dumped (id int PRIMARY KEY, embedding vector(5))")
+    data = (RNG.standard_normal((300, 5)) * 10.0 ** RNG.integers(-20, 20, (300, 5))).astype(np.float32)
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO dumped VALUES (%s, %s)", list(enumerate(data)))
+    conn.execute("CREATE INDEX dumped_idx ON dumped USING hnsw (embedding vector_l2_ops)")
+    env = dict(os.environ, PGUSER="postgres")
+    for fmt in ("plain", "custom"):
+        target = f"lorag_restore_{fmt}"
+        conn.execute(f"DROP DATABASE IF EXISTS {target} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {target}")
+        dump = subprocess.run(["pg_dump", f"--format={fmt}", "-t", "dumped", "-d", conn.info.dbname],
+                              env=env, capture_output=True, check=True).stdout
+        subprocess.run(["psql", "-q", "-v", "ON_ERROR_STOP=1", "-d", target, "-c", "CREATE EXTENSION lorag"], env=env, check=True)
+        if fmt == "plain":
+            subprocess.run(["psql", "-q", "-v", "ON_ERROR_STOP=1", "-d", target], input=dump, env=env, check=True)
+        else:
+            subprocess.run(["pg_restore", "--exit-on-error", "-d", target], input=dump, env=env, check=True)
+        with psycopg.connect(dsn.replace("dbname=lorag_test", f"dbname={target}"), autocommit=True) as other:
+            register_vector(other)
+            rows = other.execute("SELECT embedding FROM dumped ORDER BY id").fetchall()
+            back = np.stack([as_np(r[0]) for r in rows])
+            assert np.array_equal(back.view(np.uint32), data.view(np.uint32))
+            assert other.execute("SELECT * FROM lorag.hnsw_check('dumped_idx')").fetchall() == []
+        conn.execute(f"DROP DATABASE {target} WITH (FORCE)")
