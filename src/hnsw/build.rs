@@ -69,6 +69,7 @@ pub unsafe extern "C-unwind" fn ambuild(
     let reltuples = unsafe { (*(*heap).rd_rel).reltuples };
     progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL, reltuples.max(0.0) as i64);
 
+    let started = std::time::Instant::now();
     let mut state = BuildState {
         index,
         params,
@@ -97,14 +98,17 @@ pub unsafe extern "C-unwind" fn ambuild(
             std::ptr::null_mut(),
         );
     }
+    pgrx::debug1!("hnsw build: heap scan and collection {:.2} s, {} vectors", started.elapsed().as_secs_f64(), state.levels.len());
     if !state.spilled {
         build_and_write(&mut state);
     }
+    let logged = std::time::Instant::now();
     // Safety: rd_rel is valid for an open relation.
     if unsafe { (*(*index).rd_rel).relpersistence } as u8 == pg_sys::RELPERSISTENCE_PERMANENT {
         // Safety: every page of the new index is written and unlocked.
         unsafe { pg_sys::log_newpage_range(index, pg_sys::ForkNumber::MAIN_FORKNUM, 0, number_of_blocks(index), true) };
     }
+    pgrx::debug1!("hnsw build: WAL-logging {:.2} s; total {:.2} s", logged.elapsed().as_secs_f64(), started.elapsed().as_secs_f64());
     // Safety: palloc0 of the result PostgreSQL frees.
     unsafe {
         let result = pg_sys::palloc0(std::mem::size_of::<pg_sys::IndexBuildResult>()) as *mut pg_sys::IndexBuildResult;
@@ -185,6 +189,7 @@ fn build_and_write(state: &mut BuildState) {
     let cancel = std::sync::atomic::AtomicBool::new(false);
     let vectors = std::mem::take(&mut state.vectors);
     let dim = state.dim.max(1);
+    let t = std::time::Instant::now();
     let graph = lorag_hnsw::parallel::build_with(state.params, dim, vectors, &state.levels, threads, &cancel, |done| {
         // Safety: the main thread reads the flags that signal handlers set. Only a cancel or
         // a termination stops the workers; other interrupts wait until they are done.
@@ -197,8 +202,11 @@ fn build_and_write(state: &mut BuildState) {
     let Some(graph) = graph else {
         pgrx::ereport!(ERROR, pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED, "canceling index build");
     };
+    pgrx::debug1!("hnsw build: graph of {} elements with {threads} threads {:.2} s", graph.len(), t.elapsed().as_secs_f64());
     progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_WRITE);
+    let t = std::time::Instant::now();
     write_graph(state, &graph);
+    pgrx::debug1!("hnsw build: writing pages {:.2} s", t.elapsed().as_secs_f64());
     state.levels = Vec::new();
     state.heap_tids = Vec::new();
 }

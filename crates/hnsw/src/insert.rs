@@ -6,8 +6,11 @@
 use crate::search::{greedy, search_layer};
 use crate::{Candidate, Id, Params, Storage, StorageMut, Visited};
 
-/// The heuristic: from `candidates` sorted closest first, up to `m` diverse neighbours; when
-/// fewer pass, the closest rejected ones fill the list (hnswlib's `keepPrunedConnections`).
+/// Whether lists the heuristic leaves short are filled with the closest rejected candidates
+/// (the paper's keepPrunedConnections; hnswlib leaves it off).
+const KEEP_PRUNED: bool = false;
+
+/// The heuristic: from `candidates` sorted closest first, up to `m` diverse neighbours.
 pub fn select_neighbors<S: Storage + ?Sized>(s: &S, candidates: &[Candidate], m: usize) -> Vec<Candidate> {
     if candidates.len() <= m {
         return candidates.to_vec();
@@ -24,11 +27,13 @@ pub fn select_neighbors<S: Storage + ?Sized>(s: &S, candidates: &[Candidate], m:
             pruned.push(c);
         }
     }
-    for c in pruned {
-        if kept.len() >= m {
-            break;
+    if KEEP_PRUNED {
+        for c in pruned {
+            if kept.len() >= m {
+                break;
+            }
+            kept.push(c);
         }
-        kept.push(c);
     }
     kept
 }
