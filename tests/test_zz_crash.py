@@ -75,6 +75,15 @@ def test_sigkill_during_inserts_loses_no_committed_row(dsn):
     with psycopg.connect(dsn, autocommit=True) as c:
         register_vector(c)
         assert c.execute("SELECT * FROM lorag.hnsw_check('crash_idx')").fetchall() == []
+        # Durable: after recovery the index holds exactly one live element per row (VACUUM's
+        # cleanup counts them into pg_class.reltuples).
+        rows = c.execute("SELECT count(*) FROM crash_t").fetchone()[0]
+        assert rows >= 500 + len(committed)
+        assert set(committed) <= {r[0] for r in c.execute("SELECT id FROM crash_t")}
+        c.execute("VACUUM crash_t")
+        assert c.execute("SELECT reltuples::bigint FROM pg_class WHERE relname = 'crash_idx'").fetchone()[0] == rows
+        # Searchable: each row is found by a search for its own vector. HNSW graphs can leave
+        # an element without in-edges, so allow 0.5% (a lost write would miss far more).
         c.execute("SET enable_seqscan = off")
         c.execute("SET hnsw.ef_search = 100")
         missing = []
@@ -82,7 +91,7 @@ def test_sigkill_during_inserts_loses_no_committed_row(dsn):
             got = c.execute("SELECT id FROM crash_t ORDER BY embedding <-> %s LIMIT 1", (data[i],)).fetchone()
             if got is None or got[0] != i:
                 missing.append(i)
-        assert missing == [], f"{len(missing)} committed rows not found through the index"
+        assert len(missing) <= 0.005 * (500 + len(committed)), f"{len(missing)} committed rows not found: {missing[:20]}"
         # and the index keeps working after recovery
         c.execute("INSERT INTO crash_t VALUES (%s, %s)", (len(data) - 1, data[-1]))
         assert c.execute("SELECT id FROM crash_t ORDER BY embedding <-> %s LIMIT 1", (data[-1],)).fetchone()[0] == len(data) - 1

@@ -23,11 +23,23 @@ struct ScanState {
     search: Option<Scan>,
     pending: VecDeque<Candidate>,
     last_distance: f32,
+    /// Rows returned so far, and restarts spent on a search that found none (see amgettuple).
+    returned: usize,
+    restarts: usize,
 }
 
 impl ScanState {
     fn new() -> ScanState {
-        ScanState { started: false, storage: None, query: Vec::new(), search: None, pending: VecDeque::new(), last_distance: f32::NEG_INFINITY }
+        ScanState {
+            started: false,
+            storage: None,
+            query: Vec::new(),
+            search: None,
+            pending: VecDeque::new(),
+            last_distance: f32::NEG_INFINITY,
+            returned: 0,
+            restarts: 0,
+        }
     }
 }
 
@@ -85,6 +97,7 @@ pub unsafe extern "C-unwind" fn amgettuple(scan: pg_sys::IndexScanDesc, _directi
                 continue; // would break the order already returned
             }
             st.last_distance = st.last_distance.max(c.distance);
+            st.returned += 1;
             // Safety: the scan descriptor is valid.
             unsafe {
                 (*scan).xs_heaptid = h.heap_tid;
@@ -96,11 +109,23 @@ pub unsafe extern "C-unwind" fn amgettuple(scan: pg_sys::IndexScanDesc, _directi
         let Some(search) = st.search.as_mut() else { return false };
         let iterative = HNSW_ITERATIVE_SCAN.get() != IterativeScan::Off;
         let first = search.scanned() <= 1;
-        if !first && (!iterative || search.scanned() >= HNSW_MAX_SCAN_TUPLES.get().max(1) as usize) {
-            return false;
-        }
-        let batch = search.next_batch(storage, &st.query, HNSW_EF_SEARCH.get().max(1) as usize);
+        let batch = if !first && (!iterative || search.scanned() >= HNSW_MAX_SCAN_TUPLES.get().max(1) as usize) {
+            Vec::new()
+        } else {
+            search.next_batch(storage, &st.query, HNSW_EF_SEARCH.get().max(1) as usize)
+        };
         if batch.is_empty() {
+            // A search that found no live element started from a stale entry point (VACUUM
+            // freed it and an insert reused the slot meanwhile): start again, a few times.
+            if st.returned == 0 && st.restarts < 3 {
+                st.restarts += 1;
+                let restarts = st.restarts;
+                *st = ScanState::new();
+                st.restarts = restarts;
+                // Safety: the scan descriptor is valid.
+                unsafe { start(scan, st) };
+                continue;
+            }
             return false;
         }
         st.pending.extend(batch);
@@ -141,8 +166,17 @@ unsafe fn start(scan: pg_sys::IndexScanDesc, st: &mut ScanState) {
         check_dimensions(v.len(), meta.dim as usize);
         storage.params.metric.prepare(v).unwrap_or_else(|| v.to_vec())
     };
-    if meta.entry_point().is_some() {
-        st.search = Some(Scan::new(&storage, &st.query));
+    // VACUUM may free the entry point (and an insert reuse its slot) between reading the meta
+    // page and starting: start from an entry point that is still the element the meta page
+    // names (a DELETED one still routes searches), re-reading the meta page if needed.
+    for attempt in 0..5 {
+        let Some((entry, level)) = read_meta(index).entry_point() else { break };
+        storage.forget();
+        let usable = storage.header(entry).is_some_and(|h| h.flags & FLAG_FREE == 0 && h.level == level);
+        if usable || attempt == 4 {
+            st.search = Some(Scan::new(&storage, &st.query));
+            break;
+        }
     }
     st.storage = Some(storage);
 }

@@ -7,8 +7,10 @@ use crate::search::{greedy, search_layer};
 use crate::{Candidate, Id, Params, Storage, StorageMut, Visited};
 
 /// Whether lists the heuristic leaves short are filled with the closest rejected candidates
-/// (the paper's keepPrunedConnections; hnswlib leaves it off).
-const KEEP_PRUNED: bool = false;
+/// (the paper's keepPrunedConnections; hnswlib leaves it off). Off builds ~20% faster and
+/// reaches slightly higher recall per ef on 100k vectors, but left a few elements with no
+/// in-edge (unreachable by any search) in small graphs: on until in-edges are guaranteed.
+const KEEP_PRUNED: bool = true;
 
 /// The heuristic: from `candidates` sorted closest first, up to `m` diverse neighbours.
 pub fn select_neighbors<S: Storage + ?Sized>(s: &S, candidates: &[Candidate], m: usize) -> Vec<Candidate> {
