@@ -268,3 +268,23 @@ def test_concurrent_inserts_deletes_searches_and_vacuum(dsn):
             s = data[ids] @ q
             hits += len(set(got) & set(ids[np.argsort(-s)[:10]].tolist()))
         assert hits / (10 * len(queries)) >= 0.9
+
+
+def test_build_beyond_maintenance_work_mem_continues_on_disk(vconn):
+    data, queries = mixture(3000, 30, 23, dim=16)
+    load(vconn, "mw", data)
+    vconn.execute("SET maintenance_work_mem = '1MB'")
+    notices = []
+    # a Diagnostic is only valid inside the handler: copy what we need
+    vconn.add_notice_handler(lambda d: notices.append((d.message_primary or "", d.message_hint or "")))
+    vconn.execute("CREATE INDEX mw_idx ON mw USING hnsw (embedding vector_cosine_ops)")
+    assert any("no longer fits into maintenance_work_mem" in m for m, _ in notices), notices
+    assert any("maintenance_work_mem" in h for _, h in notices), notices
+    assert check(vconn, "mw_idx") == []
+    vconn.execute("SET enable_seqscan = off")
+    vconn.execute("SET hnsw.ef_search = 64")
+    hits = 0
+    for q in queries:
+        got = [r[0] for r in vconn.execute("SELECT id FROM mw ORDER BY embedding <=> %s LIMIT 10", (q,))]
+        hits += len(set(got) & set(np.argsort(-(data @ q))[:10].tolist()))
+    assert hits / (10 * len(queries)) >= 0.9
