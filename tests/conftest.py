@@ -31,6 +31,16 @@ def conn(dsn):
         yield c
 
 
+def assert_clean_error(conn, sql, sqlstate, message):
+    """`sql` fails with `sqlstate` and `message`, without a Rust backtrace, and the session lives on."""
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(sql)
+    assert err.value.sqlstate == sqlstate, err.value
+    assert message in str(err.value)
+    assert "pgrx" not in str(err.value), "no Rust backtrace in what users see"
+    assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
 @pytest.fixture(scope="session")
 def postmaster_started(dsn):
     with psycopg.connect(dsn) as c:

@@ -8,6 +8,8 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
+from conftest import assert_clean_error
+
 RNG = np.random.default_rng(42)
 
 
@@ -215,11 +217,7 @@ BAD = [
 @pytest.mark.parametrize("sql,sqlstate,message", BAD, ids=[b[0][:60] for b in BAD])
 def test_bad_input_is_a_clean_error(conn, sql, sqlstate, message):
     conn.execute("CREATE TABLE IF NOT EXISTS bad3 (v vector(3))")
-    with pytest.raises(psycopg.Error) as err:
-        conn.execute(sql)
-    assert err.value.sqlstate == sqlstate, err.value
-    assert message in str(err.value)
-    assert scalar(conn, "SELECT 1") == 1
+    assert_clean_error(conn, sql, sqlstate, message)
 
 
 def test_bad_binary_input_is_a_clean_error(conn):

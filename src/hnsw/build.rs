@@ -313,7 +313,6 @@ fn write_graph(state: &BuildState, g: &MemoryGraph) {
         element_ids.push(layout.place(element_size(dim), true, e));
         graph_ids.push(layout.place(graph_size(m, g.level(e as Id)), false, e));
     }
-    let mut bytes = Vec::new();
     let mut neighbors = Vec::new();
     for (p, items) in layout.items.iter().enumerate() {
         check_for_interrupts!();
@@ -325,23 +324,19 @@ fn write_graph(state: &BuildState, g: &MemoryGraph) {
             init_page(page, PAGE_DATA);
             for (k, &(is_element, e)) in items.iter().enumerate() {
                 let id = e as Id;
-                bytes.clear();
-                if is_element {
-                    bytes.resize(ELEMENT_HEADER, 0);
-                    ElementHeader { heap_tid: state.heap_tids[e as usize], level: g.level(id), flags: 0, graph: graph_ids[e as usize] }
-                        .write(&mut bytes);
-                    for x in g.vector(id) {
-                        bytes.extend_from_slice(&x.to_ne_bytes());
-                    }
+                let bytes = if is_element {
+                    let header = ElementHeader { heap_tid: state.heap_tids[e as usize], level: g.level(id), flags: 0, graph: graph_ids[e as usize] };
+                    element_bytes(header, g.vector(id))
                 } else {
                     let level = g.level(id);
-                    bytes.extend(GraphItem::empty(m, level));
+                    let mut bytes = GraphItem::empty(m, level);
                     for l in 0..=level {
                         g.neighbors(id, l, &mut neighbors);
                         let ids: Vec<Id> = neighbors.iter().map(|&x| element_ids[x as usize]).collect();
                         GraphItem::set_neighbors(&mut bytes, m, l, &ids);
                     }
-                }
+                    bytes
+                };
                 let off = add_item(page, &bytes).expect("the layout reserved room for every item");
                 assert_eq!(off as usize, k + 1);
             }

@@ -76,15 +76,6 @@ pub fn insert_vector(index: pg_sys::Relation, v: &[f32], heap_tid: pg_sys::ItemP
     unsafe { pg_sys::UnlockPage(index, UPDATE_LOCK, lock) };
 }
 
-fn element_bytes(header: ElementHeader, vector: &[f32]) -> Vec<u8> {
-    let mut bytes = vec![0u8; ELEMENT_HEADER];
-    header.write(&mut bytes);
-    for x in vector {
-        bytes.extend_from_slice(&x.to_ne_bytes());
-    }
-    bytes
-}
-
 /// Writes the new element and its empty graph item; returns its id and level (which may be
 /// lowered to fit a reused slot).
 fn allocate(s: &PageStorage, meta: &Meta, heap_tid: pg_sys::ItemPointerData, level: usize, v: &[f32]) -> (Id, usize) {
@@ -141,7 +132,7 @@ fn reuse_free_slot(s: &PageStorage, meta: &Meta, heap_tid: pg_sys::ItemPointerDa
         for off in 1..=max {
             // Safety: the locked page.
             let Some(it) = (unsafe { item(page, off) }) else { continue };
-            if it[0] != ELEMENT_KIND || it.len() != element_size(s.dim) {
+            if !is_element(it, s.dim) {
                 continue;
             }
             let old = ElementHeader::parse(it);

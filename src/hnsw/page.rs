@@ -491,6 +491,21 @@ pub unsafe fn free_space(page: pg_sys::Page) -> usize {
     unsafe { pg_sys::PageGetExactFreeSpace(page) }
 }
 
+/// True when `item` is an element item of an index with `dim` dimensions.
+pub fn is_element(item: &[u8], dim: usize) -> bool {
+    item.len() == element_size(dim) && item[0] == ELEMENT_KIND
+}
+
+/// The bytes of an element item: header, then the vector.
+pub fn element_bytes(header: ElementHeader, vector: &[f32]) -> Vec<u8> {
+    let mut bytes = vec![0u8; ELEMENT_HEADER];
+    header.write(&mut bytes);
+    for x in vector {
+        bytes.extend_from_slice(&x.to_ne_bytes());
+    }
+    bytes
+}
+
 pub fn vector_of(item: &[u8], dim: usize) -> &[f32] {
     let bytes = &item[ELEMENT_HEADER..ELEMENT_HEADER + 4 * dim];
     // Safety: items start MAXALIGNed, so the vector at offset 16 is 4-byte aligned, and the

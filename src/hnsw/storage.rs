@@ -31,7 +31,7 @@ impl PageStorage {
         let buf = PinnedBuffer::read(self.index, block, pg_sys::BUFFER_LOCK_SHARE);
         // Safety: the page is locked while the slice is in use.
         let item = unsafe { item(buf.page(), offset) };
-        let item = item.filter(|it| it.len() == element_size(self.dim) && it[0] == ELEMENT_KIND);
+        let item = item.filter(|it| is_element(it, self.dim));
         f(item.map(|it| &*it))
     }
 
@@ -166,7 +166,7 @@ impl Storage for PageStorage {
         for ((buf, offset), &id) in pinned.iter_mut().zip(ids) {
             buf.lock(pg_sys::BUFFER_LOCK_SHARE);
             // Safety: the page is locked while the slice is in use.
-            let it = unsafe { item(buf.page(), *offset) }.filter(|it| it.len() == element_size(dim) && it[0] == ELEMENT_KIND);
+            let it = unsafe { item(buf.page(), *offset) }.filter(|it| is_element(it, dim));
             let d = match it {
                 Some(it) => {
                     seen.insert(id, ElementHeader::parse(it));

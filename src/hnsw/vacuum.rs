@@ -42,7 +42,7 @@ fn for_each_element(
         for off in 1..=max {
             // Safety: the locked page.
             let Some(it) = (unsafe { item(page, off) }) else { continue };
-            if it[0] != ELEMENT_KIND || it.len() != element_size(dim) {
+            if !is_element(it, dim) {
                 continue;
             }
             if let Some(flags) = f(block, off, &ElementHeader::parse(it)) {

@@ -33,21 +33,6 @@ impl MemoryGraph {
         self.links.is_empty()
     }
 
-    /// Bytes this graph uses (vectors, lists, bookkeeping), to compare with a memory budget.
-    pub fn memory_bytes(&self) -> usize {
-        let lists: usize = self
-            .links
-            .iter()
-            .map(|l| 24 + l.iter().map(|n| 24 + n.capacity() * 8).sum::<usize>())
-            .sum();
-        self.vectors.capacity() * 4 + lists + self.deleted.capacity()
-    }
-
-    /// Estimated bytes per element, for the budget check before adding one.
-    pub fn bytes_per_element(&self) -> usize {
-        self.dim * 4 + 24 + 24 + (self.params.max_neighbors(0) + 1) * 8 + 1
-    }
-
     pub fn level(&self, id: Id) -> usize {
         self.links[id as usize].len() - 1
     }
