@@ -10,6 +10,9 @@ pub static LORAG_DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CStri
 /// `lorag.embedding_model`: the model `embed()` uses when none is named.
 pub static LORAG_EMBEDDING_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"all-MiniLM-L6-v2"));
 
+/// `lorag.use_worker`: send model requests to the shared worker when lorag is preloaded.
+pub static LORAG_USE_WORKER: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 /// `hnsw.ef_search`: candidates kept per index scan batch.
 pub static HNSW_EF_SEARCH: GucSetting<i32> = GucSetting::<i32>::new(lorag_hnsw::DEFAULT_EF_SEARCH as i32);
 /// `hnsw.max_scan_tuples`: how many elements an iterative scan may visit.
@@ -77,6 +80,14 @@ pub fn init() {
         c"A name from lorag.models.",
         &LORAG_EMBEDDING_MODEL,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"lorag.use_worker",
+        c"Whether model requests go to the shared model worker.",
+        c"Only has an effect when lorag is in shared_preload_libraries; off runs models inside the calling connection (its own copy). Only superusers may change it.",
+        &LORAG_USE_WORKER,
+        GucContext::Suset,
         GucFlags::default(),
     );
     // Safety: called from _PG_init, in the main thread.

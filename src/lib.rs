@@ -14,17 +14,23 @@ mod guc;
 pub mod hnsw;
 mod models;
 pub mod vector;
+mod worker;
 
 pgrx::extension_sql_file!("../sql/vector.sql", name = "vector", bootstrap);
 pgrx::extension_sql_file!("../sql/hnsw.sql", name = "hnsw", requires = ["vector"]);
 pgrx::extension_sql_file!("../sql/models.sql", name = "models", requires = ["hnsw"]);
 
-/// Runs when a backend first loads lorag. Registers settings and index options only: it never
-/// loads a model or starts a thread (forked backends would inherit them).
+/// Runs when a process first loads lorag. Registers settings, index options and (under
+/// shared_preload_libraries) the model worker only: it never loads a model or starts a thread
+/// (forked backends would inherit them).
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     hnsw::init();
+    // Safety: a flag PostgreSQL sets while it loads shared_preload_libraries, read in the main thread.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        worker::register();
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

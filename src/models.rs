@@ -1,35 +1,34 @@
 //! Models in SQL: the registry (`lorag.models`), `embed()`, `chunk()` and `worker_status()`.
 //!
-//! Models run inside the calling backend, loaded on first use and cached for the life of the
-//! connection (the shared model worker of DESIGN.md §2 is not built yet: each connection loads
-//! its own copy). Data access (the registry lookup) happens here in the backend through SPI;
-//! candle's compute threads never call PostgreSQL.
+//! The backend resolves which model a call means (registry lookup through SPI, with the
+//! caller's privileges) into a [`ModelSpec`]. With lorag preloaded, the shared model worker
+//! computes ([`crate::worker`]); without it, the same engine runs inside this backend, loaded on
+//! first use and kept for the connection, after one NOTICE that says how to enable the worker.
+//! `chunk()` only needs the tokenizer and always runs here.
 
 use crate::fmgr::{arg_i32, arg_is_null, sql_function};
-use crate::guc::{LORAG_DEVICE, LORAG_EMBEDDING_MODEL, LORAG_MODEL_DIR};
-use lorag_models::candle_core;
-use lorag_models::device::DeviceChoice;
+use crate::guc::{LORAG_DEVICE, LORAG_EMBEDDING_MODEL, LORAG_MODEL_DIR, LORAG_USE_WORKER};
+use crate::worker;
+use lorag_models::engine::{Engine, ModelSpec, BATCH};
+use lorag_models::protocol::{Request, Response};
 use lorag_models::tokenizers;
-use lorag_models::embed::Embedder;
 use lorag_models::ModelError;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{pg_sys, IntoDatum, PgLogLevel, PgSqlErrorCode, Spi};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The command that puts the default models in place.
 pub const FETCH_COMMAND: &str = "make models (scripts/fetch-models.sh)";
-/// Inputs per forward pass; interrupts are checked between passes.
-const BATCH: usize = 32;
 
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
+static NOTICE_GIVEN: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
-    static EMBEDDERS: std::cell::RefCell<HashMap<String, Arc<Embedder>>> = std::cell::RefCell::new(HashMap::new());
+    static ENGINE: std::cell::RefCell<Engine> = std::cell::RefCell::new(Engine::new());
     static TOKENIZERS: std::cell::RefCell<HashMap<String, Arc<tokenizers::Tokenizer>>> = std::cell::RefCell::new(HashMap::new());
-    static DEVICE_NAME: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
 fn report(code: PgSqlErrorCode, message: String, hint: Option<String>) -> ! {
@@ -55,15 +54,12 @@ fn raise(e: ModelError) -> ! {
         ModelError::Io { .. } => (PgSqlErrorCode::ERRCODE_IO_ERROR, None),
         ModelError::Tokenizer(_) | ModelError::Runtime(_) => (PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, None),
         ModelError::Invalid(_) => (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, None),
+        ModelError::WorkerDied(_) => (
+            PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+            Some("The worker starts a new model process at once; run the statement again.".into()),
+        ),
     };
     report(code, e.to_string(), hint)
-}
-
-/// A registered model.
-struct ModelRow {
-    name: String,
-    path: PathBuf,
-    checksum: Option<String>,
 }
 
 fn registered_names() -> String {
@@ -81,7 +77,7 @@ fn registered_names() -> String {
 }
 
 /// Looks a model up by name (the GUC's default when `None`) and resolves its folder.
-fn lookup(name: Option<String>, kind: &str) -> ModelRow {
+fn lookup(name: Option<String>, kind: &str) -> ModelSpec {
     let name = name.unwrap_or_else(|| {
         LORAG_EMBEDDING_MODEL.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
     });
@@ -119,43 +115,50 @@ fn lookup(name: Option<String>, kind: &str) -> ModelRow {
         }
         PathBuf::from(dir).join(path)
     };
-    ModelRow { name, path, checksum }
+    let device = LORAG_DEVICE.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+    ModelSpec { name, path, checksum, device }
 }
 
-fn device() -> candle_core::Device {
-    let choice = LORAG_DEVICE.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
-    let (device, name) = DeviceChoice::parse(&choice).and_then(DeviceChoice::resolve).unwrap_or_else(|e| raise(e));
-    DEVICE_NAME.with(|d| *d.borrow_mut() = Some(name));
-    device
-}
-
-/// The embedder for `row`, loaded on first use in this backend.
-fn embedder(row: &ModelRow) -> Arc<Embedder> {
-    let key = format!("{}\u{0}{}", row.name, row.path.display());
-    if let Some(e) = EMBEDDERS.with(|m| m.borrow().get(&key).cloned()) {
-        return e;
+/// Says once per connection why models load here, and how to share them instead.
+fn notice_in_backend() {
+    if worker::preloaded() || NOTICE_GIVEN.swap(true, Ordering::Relaxed) {
+        return;
     }
-    if let Some(expected) = &row.checksum {
-        let weights = row.path.join("model.safetensors");
-        let actual = lorag_models::sha256_file(&weights).unwrap_or_else(|e| raise(e));
-        if &actual != expected {
-            raise(ModelError::Checksum { path: weights, expected: expected.clone(), actual });
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+        "lorag's model worker is not running: models load inside this connection",
+        "lorag",
+    )
+    .set_hint(
+        "Add lorag to shared_preload_libraries in postgresql.conf and restart PostgreSQL: one worker then serves \
+         every connection with one copy of each model, and batches their requests together.",
+    )
+    .report(PgLogLevel::NOTICE);
+}
+
+/// Embeds `texts` with `spec`: in the shared worker, or here batch by batch with a check for
+/// cancel between batches.
+fn embed_texts(spec: ModelSpec, texts: Vec<String>) -> Vec<Vec<f32>> {
+    let n = texts.len();
+    let vectors = if worker::enabled() {
+        match worker::call(&Request::Embed { model: spec, texts }) {
+            Response::Embeddings(v) if v.len() == n => v,
+            Response::Error(e) => raise(e),
+            other => raise(ModelError::Runtime(format!("unexpected answer from the model worker: {other:?}"))),
         }
-    }
-    let e = Arc::new(Embedder::load(&row.path, &device()).unwrap_or_else(|e| raise(e)));
-    EMBEDDERS.with(|m| m.borrow_mut().insert(key, e.clone()));
-    e
-}
-
-/// Embeds `texts` batch by batch, checking for cancel between batches.
-fn embed_all(e: &Embedder, texts: &[&str]) -> Vec<Vec<f32>> {
-    let mut out = Vec::with_capacity(texts.len());
-    for batch in texts.chunks(BATCH) {
-        pgrx::check_for_interrupts!();
-        out.extend(e.embed(batch).unwrap_or_else(|err| raise(err)));
-    }
-    REQUESTS.fetch_add(texts.len() as u64, Ordering::Relaxed);
-    out
+    } else {
+        notice_in_backend();
+        let embedder = ENGINE.with(|e| e.borrow_mut().embedder(&spec)).unwrap_or_else(|e| raise(e));
+        let mut out = Vec::with_capacity(n);
+        for batch in texts.chunks(BATCH) {
+            pgrx::check_for_interrupts!();
+            let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+            out.extend(embedder.embed(&refs).unwrap_or_else(|e| raise(e)));
+        }
+        out
+    };
+    REQUESTS.fetch_add(1, Ordering::Relaxed);
+    vectors
 }
 
 fn text_arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<String> {
@@ -169,9 +172,8 @@ sql_function!(lorag_embed, pg_finfo_lorag_embed, |fcinfo| {
         // Safety: returning SQL NULL.
         return unsafe { pgrx::fcinfo::pg_return_null(fcinfo) };
     };
-    let row = lookup(text_arg(fcinfo, 1), "embedding");
-    let e = embedder(&row);
-    let v = embed_all(&e, &[input.as_str()]).pop().expect("one input, one output");
+    let spec = lookup(text_arg(fcinfo, 1), "embedding");
+    let v = embed_texts(spec, vec![input]).pop().expect("one input, one output");
     crate::vector::vector_datum(&v)
 });
 
@@ -182,10 +184,9 @@ sql_function!(lorag_embed_array, pg_finfo_lorag_embed_array, |fcinfo| {
         // Safety: returning SQL NULL.
         return unsafe { pgrx::fcinfo::pg_return_null(fcinfo) };
     };
-    let row = lookup(text_arg(fcinfo, 1), "embedding");
-    let e = embedder(&row);
-    let present: Vec<&str> = inputs.iter().flatten().map(String::as_str).collect();
-    let mut vectors = embed_all(&e, &present).into_iter();
+    let spec = lookup(text_arg(fcinfo, 1), "embedding");
+    let present: Vec<String> = inputs.iter().flatten().cloned().collect();
+    let mut vectors = embed_texts(spec, present).into_iter();
     let mut datums = Vec::with_capacity(inputs.len());
     let mut nulls = Vec::with_capacity(inputs.len());
     for input in &inputs {
@@ -260,17 +261,44 @@ fn resident_bytes() -> i64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-// lorag._worker_status() → text[] (mode, device, models, memory, queue, requests)
+// lorag._worker_status() → text[] (mode, device, models, memory, queue, requests, pid, batches, batched texts)
 sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
-    let models: Vec<String> = EMBEDDERS.with(|m| m.borrow().keys().map(|k| k.split('\u{0}').next().unwrap_or("").to_owned()).collect());
-    let device = DEVICE_NAME.with(|d| d.borrow().clone()).unwrap_or_else(|| "cpu (no model loaded yet)".into());
-    let fields = vec![
-        "in-backend: each connection loads its own models (no shared worker yet)".to_owned(),
-        device,
-        models.join(","),
-        resident_bytes().to_string(),
-        "0".to_owned(),
-        REQUESTS.load(Ordering::Relaxed).to_string(),
-    ];
+    let fields: Vec<Option<String>> = if worker::enabled() {
+        let Response::Status(s) = worker::call(&Request::Status) else {
+            raise(ModelError::Runtime("unexpected answer from the model worker".into()))
+        };
+        vec![
+            Some("worker: one model process serves every connection".into()),
+            Some(s.device.unwrap_or_else(|| "none yet (no model loaded)".into())),
+            Some(s.models.join(",")),
+            Some(s.memory_bytes.to_string()),
+            Some(s.queue_depth.to_string()),
+            Some(s.requests_served.to_string()),
+            Some(s.pid.to_string()),
+            Some(s.batches.to_string()),
+            Some(s.batched_texts.to_string()),
+        ]
+    } else {
+        let (device, models) = ENGINE.with(|e| {
+            let e = e.borrow();
+            (e.device().map(str::to_owned), e.loaded_models().to_vec())
+        });
+        let mode = if worker::preloaded() && !LORAG_USE_WORKER.get() {
+            "in-backend: lorag.use_worker is off in this session"
+        } else {
+            "in-backend: lorag is not in shared_preload_libraries, each connection loads its own models"
+        };
+        vec![
+            Some(mode.into()),
+            Some(device.unwrap_or_else(|| "none yet (no model loaded)".into())),
+            Some(models.join(",")),
+            Some(resident_bytes().to_string()),
+            Some("0".into()),
+            Some(REQUESTS.load(Ordering::Relaxed).to_string()),
+            Some(std::process::id().to_string()),
+            None,
+            None,
+        ]
+    };
     fields.into_datum().expect("an array is never NULL")
 });

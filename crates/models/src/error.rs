@@ -1,8 +1,10 @@
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Everything that can go wrong with a model, with what the user can do about it.
-#[derive(Debug)]
+/// Everything that can go wrong with a model, with what the user can do about it. It crosses
+/// the model worker's socket as it is, so the backend raises the same ERROR either way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ModelError {
     /// The model folder or one of its files does not exist.
     Missing { path: PathBuf },
@@ -18,6 +20,8 @@ pub enum ModelError {
     Runtime(String),
     /// A request the model cannot serve (e.g. bad arguments).
     Invalid(String),
+    /// The model process ended (crash, OOM kill) while it held this request.
+    WorkerDied(String),
 }
 
 impl ModelError {
@@ -50,6 +54,7 @@ impl fmt::Display for ModelError {
             ModelError::Tokenizer(d) => write!(f, "tokenizer failed: {d}"),
             ModelError::Runtime(d) => write!(f, "model runtime failed: {d}"),
             ModelError::Invalid(d) => write!(f, "{d}"),
+            ModelError::WorkerDied(d) => write!(f, "the lorag model process ended while running this request: {d}"),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Models, with no PostgreSQL in them: loading Hugging Face model folders, the BERT sentence
-//! embedder, text chunking on tokenizer tokens, and device selection.
+//! embedder, text chunking on tokenizer tokens, device selection, and the model process that
+//! serves every connection when lorag's worker is enabled (engine, protocol, serve).
 //!
 //! Everything returns [`ModelError`]; the extension turns it into an ERROR with an SQLSTATE
 //! and a hint at its SQL boundary.
@@ -7,7 +8,10 @@
 pub mod chunk;
 pub mod device;
 pub mod embed;
+pub mod engine;
 pub mod error;
+pub mod protocol;
+pub mod serve;
 
 pub use error::ModelError;
 pub use {candle_core, tokenizers};

@@ -1,0 +1,98 @@
+//! The engine: loaded models by folder and device, and the computations on them. One engine
+//! lives in the model process (shared by every connection) or, without the worker, in each
+//! backend. The backend resolves *which* model (registry lookup, with the caller's privileges)
+//! and sends a [`ModelSpec`]; the engine never reads tables.
+
+use crate::device::DeviceChoice;
+use crate::embed::Embedder;
+use crate::ModelError;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A registered model as the backend resolved it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub name: String,
+    /// The model folder (absolute).
+    pub path: PathBuf,
+    /// sha256 of the weights, checked once when the model is loaded.
+    pub checksum: Option<String>,
+    /// `lorag.device` of the caller: auto | cpu | cuda:N.
+    pub device: String,
+}
+
+impl ModelSpec {
+    fn key(&self) -> (PathBuf, Option<String>, String) {
+        (self.path.clone(), self.checksum.clone(), self.device.clone())
+    }
+}
+
+/// Inputs per forward pass: large requests are split, and requests of several connections for
+/// the same model are joined, up to this many texts.
+pub const BATCH: usize = 32;
+
+#[derive(Default)]
+pub struct Engine {
+    embedders: HashMap<(PathBuf, Option<String>, String), Arc<Embedder>>,
+    /// Loaded model names, in load order (for the status).
+    names: Vec<String>,
+    /// The device that really runs, once a model is loaded.
+    device: Option<String>,
+}
+
+impl Engine {
+    pub fn new() -> Engine {
+        Engine::default()
+    }
+
+    /// The embedder for `spec`, loaded (checksum verified) on first use.
+    pub fn embedder(&mut self, spec: &ModelSpec) -> Result<Arc<Embedder>, ModelError> {
+        if let Some(e) = self.embedders.get(&spec.key()) {
+            return Ok(e.clone());
+        }
+        if let Some(expected) = &spec.checksum {
+            let weights = spec.path.join("model.safetensors");
+            let actual = crate::sha256_file(&weights)?;
+            if &actual != expected {
+                return Err(ModelError::Checksum { path: weights, expected: expected.clone(), actual });
+            }
+        }
+        let (device, device_name) = DeviceChoice::parse(&spec.device)?.resolve()?;
+        let e = Arc::new(Embedder::load(&spec.path, &device)?);
+        self.embedders.insert(spec.key(), e.clone());
+        if !self.names.contains(&spec.name) {
+            self.names.push(spec.name.clone());
+        }
+        self.device = Some(device_name);
+        Ok(e)
+    }
+
+    pub fn loaded_models(&self) -> &[String] {
+        &self.names
+    }
+
+    pub fn device(&self) -> Option<&str> {
+        self.device.as_deref()
+    }
+}
+
+/// What the scheduler of the model process computes; a trait so the batching can be tested
+/// without a model.
+pub trait Compute {
+    /// Embeds one batch of at most [`BATCH`] texts with one forward pass.
+    fn embed(&mut self, spec: &ModelSpec, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Device, loaded models.
+    fn describe(&self) -> (Option<String>, Vec<String>);
+}
+
+impl Compute for Engine {
+    fn embed(&mut self, spec: &ModelSpec, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.embedder(spec)?.embed(texts)
+    }
+
+    fn describe(&self) -> (Option<String>, Vec<String>) {
+        (self.device.clone(), self.names.clone())
+    }
+}

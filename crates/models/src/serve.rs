@@ -1,0 +1,331 @@
+//! The model process: the one place that runs models when lorag's worker is enabled.
+//!
+//! Threads: one accepts connections, one per connection reads its requests, and the calling
+//! thread is the scheduler that owns the models and computes. (This process is not a
+//! PostgreSQL process: the worker forked it and it never calls PostgreSQL, so its threads are
+//! free to block.)
+//!
+//! Batching: the scheduler takes the oldest request's model and fills one forward pass of up
+//! to [`BATCH`] texts from every queued request for that model, oldest first. So requests
+//! arriving together from several backends share a pass, and one large request is cut into
+//! passes that others can join.
+//!
+//! Cancel: a backend that gives up (query cancel, statement_timeout, disconnect) closes its
+//! connection; the reader drops that connection's queued requests at once, and a pass already
+//! running for it finishes without anyone receiving its result (at most one pass is wasted).
+
+use crate::engine::{Compute, ModelSpec, BATCH};
+use crate::protocol::{decode, encode, read_frame, Request, Response, WorkerStatus};
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// A backend that does not read its answer for this long is dropped, so one stuck backend
+/// cannot stall the scheduler.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Reply = Arc<Mutex<UnixStream>>;
+
+struct Job {
+    id: u64,
+    conn: u64,
+    spec: ModelSpec,
+    texts: Vec<String>,
+    out: Vec<Vec<f32>>,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct Shared {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+    next_id: AtomicU64,
+    served: AtomicU64,
+    batches: AtomicU64,
+    batched_texts: AtomicU64,
+    /// Device and loaded models, as the scheduler last saw them.
+    describe: Mutex<(Option<String>, Vec<String>)>,
+}
+
+fn send(reply: &Reply, response: &Response) {
+    let frame = encode(response);
+    let mut stream = reply.lock().unwrap_or_else(|p| p.into_inner());
+    // A backend that went away is not an error here: its reader drops its requests.
+    let _ = stream.write_all(&frame);
+}
+
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096)
+}
+
+impl Shared {
+    fn status(&self) -> WorkerStatus {
+        let (device, models) = self.describe.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        WorkerStatus {
+            pid: std::process::id(),
+            device,
+            models,
+            memory_bytes: resident_bytes(),
+            queue_depth: self.jobs.lock().unwrap_or_else(|p| p.into_inner()).len() as u64,
+            requests_served: self.served.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+            batched_texts: self.batched_texts.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Reads one connection's requests until it closes, then drops what it left queued.
+    fn read_connection(&self, conn: u64, mut stream: UnixStream) {
+        let reply: Reply = match stream.try_clone() {
+            Ok(w) => {
+                let _ = w.set_write_timeout(Some(WRITE_TIMEOUT));
+                Arc::new(Mutex::new(w))
+            }
+            Err(_) => return,
+        };
+        while let Ok(Some(body)) = read_frame(&mut stream) {
+            match decode::<Request>(&body) {
+                Ok(Request::Status) => send(&reply, &Response::Status(self.status())),
+                Ok(Request::Embed { texts, .. }) if texts.is_empty() => {
+                    self.served.fetch_add(1, Ordering::Relaxed);
+                    send(&reply, &Response::Embeddings(Vec::new()));
+                }
+                Ok(Request::Embed { model, texts }) => {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let job = Job { id, conn, spec: model, out: Vec::with_capacity(texts.len()), texts, reply: reply.clone() };
+                    self.jobs.lock().unwrap_or_else(|p| p.into_inner()).push_back(job);
+                    self.ready.notify_one();
+                }
+                Err(e) => send(&reply, &Response::Error(e)),
+            }
+        }
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).retain(|j| j.conn != conn);
+    }
+
+    /// The next pass: the oldest request's model, and up to BATCH of its pending texts taken
+    /// from every request for that model, oldest first. Returns (model, texts, [(job, count)]).
+    fn next_batch(&self) -> (ModelSpec, Vec<String>, Vec<(u64, usize)>) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        while jobs.is_empty() {
+            jobs = self.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+        }
+        let spec = jobs[0].spec.clone();
+        let mut texts = Vec::with_capacity(BATCH);
+        let mut parts = Vec::new();
+        for job in jobs.iter().filter(|j| j.spec == spec) {
+            let start = job.out.len();
+            let n = (job.texts.len() - start).min(BATCH - texts.len());
+            texts.extend(job.texts[start..start + n].iter().cloned());
+            parts.push((job.id, n));
+            if texts.len() == BATCH {
+                break;
+            }
+        }
+        (spec, texts, parts)
+    }
+
+    /// Hands a pass's results to its requests and answers the ones now complete.
+    fn finish_batch(&self, parts: &[(u64, usize)], result: Result<Vec<Vec<f32>>, crate::ModelError>) {
+        let mut answers = Vec::new();
+        {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            match result {
+                Ok(vectors) => {
+                    let mut vectors = vectors.into_iter();
+                    for &(id, n) in parts {
+                        let taken: Vec<Vec<f32>> = vectors.by_ref().take(n).collect();
+                        // A request cancelled during the pass is gone: its part is discarded.
+                        let Some(pos) = jobs.iter().position(|j| j.id == id) else { continue };
+                        jobs[pos].out.extend(taken);
+                        if jobs[pos].out.len() == jobs[pos].texts.len() {
+                            let job = jobs.remove(pos).expect("position is in range");
+                            answers.push((job.reply, Response::Embeddings(job.out)));
+                        }
+                    }
+                }
+                Err(e) => {
+                    for &(id, _) in parts {
+                        if let Some(pos) = jobs.iter().position(|j| j.id == id) {
+                            let job = jobs.remove(pos).expect("position is in range");
+                            answers.push((job.reply, Response::Error(e.clone())));
+                        }
+                    }
+                }
+            }
+        }
+        for (reply, response) in answers {
+            self.served.fetch_add(1, Ordering::Relaxed);
+            send(&reply, &response);
+        }
+    }
+}
+
+/// Serves `listener` with `compute` until the process ends. Runs the scheduler on the calling
+/// thread.
+pub fn serve<C: Compute>(listener: UnixListener, mut compute: C) -> ! {
+    let shared = Arc::new(Shared::default());
+    let acceptor = shared.clone();
+    std::thread::Builder::new()
+        .name("lorag-accept".into())
+        .spawn(move || {
+            let mut conn = 0u64;
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                conn += 1;
+                let shared = acceptor.clone();
+                let id = conn;
+                let _ = std::thread::Builder::new()
+                    .name(format!("lorag-conn-{id}"))
+                    .spawn(move || shared.read_connection(id, stream));
+            }
+        })
+        .expect("spawning the accept thread");
+    loop {
+        let (spec, texts, parts) = shared.next_batch();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        // A panic inside the runtime fails this pass's requests, not the process.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute.embed(&spec, &refs)))
+            .unwrap_or_else(|p| {
+                let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+                Err(crate::ModelError::Runtime(format!("panic: {}", what.unwrap_or_default())))
+            })
+            .and_then(|v| {
+            if v.len() == refs.len() {
+                Ok(v)
+            } else {
+                Err(crate::ModelError::Runtime(format!("{} inputs gave {} embeddings", refs.len(), v.len())))
+            }
+        });
+        shared.batches.fetch_add(1, Ordering::Relaxed);
+        shared.batched_texts.fetch_add(texts.len() as u64, Ordering::Relaxed);
+        *shared.describe.lock().unwrap_or_else(|p| p.into_inner()) = compute.describe();
+        shared.finish_batch(&parts, result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ModelError;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Embeds a text as [its length, its first byte]; records the size of each pass.
+    struct Fake {
+        passes: Arc<Mutex<Vec<usize>>>,
+        computed: Arc<AtomicUsize>,
+    }
+
+    impl Compute for Fake {
+        fn embed(&mut self, spec: &ModelSpec, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+            if spec.name == "broken" {
+                return Err(ModelError::Corrupt { path: spec.path.clone(), detail: "test".into() });
+            }
+            std::thread::sleep(Duration::from_millis(30));
+            self.passes.lock().unwrap().push(texts.len());
+            self.computed.fetch_add(texts.len(), Ordering::SeqCst);
+            Ok(texts.iter().map(|t| vec![t.len() as f32, t.bytes().next().unwrap_or(0) as f32]).collect())
+        }
+        fn describe(&self) -> (Option<String>, Vec<String>) {
+            (Some("cpu".into()), vec!["fake".into()])
+        }
+    }
+
+    fn spec(name: &str) -> ModelSpec {
+        ModelSpec { name: name.into(), path: "/nowhere".into(), checksum: None, device: "cpu".into() }
+    }
+
+    fn call(path: &std::path::Path, req: &Request) -> Response {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.write_all(&encode(req)).unwrap();
+        decode(&read_frame(&mut s).unwrap().unwrap()).unwrap()
+    }
+
+    fn start() -> (std::path::PathBuf, Arc<Mutex<Vec<usize>>>, Arc<AtomicUsize>) {
+        let dir = std::env::temp_dir().join(format!("lorag-serve-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let passes = Arc::new(Mutex::new(Vec::new()));
+        let computed = Arc::new(AtomicUsize::new(0));
+        let fake = Fake { passes: passes.clone(), computed: computed.clone() };
+        std::thread::spawn(move || serve(listener, fake));
+        (path, passes, computed)
+    }
+
+    fn rand_suffix() -> u64 {
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    #[test]
+    fn requests_from_several_connections_share_passes_and_get_their_own_answers() {
+        let (path, passes, _) = start();
+        // Keep the scheduler busy so that the eight requests queue up together.
+        let blocker = {
+            let path = path.clone();
+            std::thread::spawn(move || call(&path, &Request::Embed { model: spec("m"), texts: vec!["x".into(); 40] }))
+        };
+        std::thread::sleep(Duration::from_millis(10));
+        let clients: Vec<_> = (0..8)
+            .map(|c| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let texts: Vec<String> = (0..3).map(|i| format!("{}{}", (b'a' + c) as char, "y".repeat(i))).collect();
+                    (c, texts.clone(), call(&path, &Request::Embed { model: spec("m"), texts }))
+                })
+            })
+            .collect();
+        for client in clients {
+            let (c, texts, response) = client.join().unwrap();
+            let Response::Embeddings(v) = response else { panic!("{response:?}") };
+            assert_eq!(v.len(), 3);
+            for (t, e) in texts.iter().zip(&v) {
+                assert_eq!(e, &vec![t.len() as f32, (b'a' + c) as f32]);
+            }
+        }
+        assert!(matches!(blocker.join().unwrap(), Response::Embeddings(v) if v.len() == 40));
+        let passes = passes.lock().unwrap().clone();
+        assert!(passes.iter().all(|&n| n <= BATCH), "{passes:?}");
+        // 40 + 24 texts: the 24 must not take 8 passes of 3.
+        assert!(passes.len() <= 4, "requests were not batched together: {passes:?}");
+        let Response::Status(s) = call(&path, &Request::Status) else { panic!() };
+        assert_eq!(s.requests_served, 9);
+        assert_eq!(s.queue_depth, 0);
+        assert_eq!(s.models, vec!["fake".to_string()]);
+    }
+
+    #[test]
+    fn a_closed_connection_cancels_its_queued_work() {
+        let (path, _, computed) = start();
+        {
+            let mut s = UnixStream::connect(&path).unwrap();
+            s.write_all(&encode(&Request::Embed { model: spec("m"), texts: vec!["z".into(); 3200] })).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        } // closed: the backend gave up
+        std::thread::sleep(Duration::from_millis(200));
+        let Response::Status(s) = call(&path, &Request::Status) else { panic!() };
+        assert_eq!(s.queue_depth, 0);
+        let done = computed.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(computed.load(Ordering::SeqCst), done, "work went on for a closed connection");
+        assert!(done < 3200 / 2, "computed {done} texts for nobody");
+        // The server still serves.
+        assert!(matches!(call(&path, &Request::Embed { model: spec("m"), texts: vec!["q".into()] }), Response::Embeddings(v) if v.len() == 1));
+    }
+
+    #[test]
+    fn errors_reach_only_their_requests() {
+        let (path, _, _) = start();
+        let Response::Error(e) = call(&path, &Request::Embed { model: spec("broken"), texts: vec!["a".into()] }) else { panic!() };
+        assert!(matches!(e, ModelError::Corrupt { .. }));
+        assert!(matches!(call(&path, &Request::Embed { model: spec("m"), texts: vec![] }), Response::Embeddings(v) if v.is_empty()));
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
+        assert!(matches!(decode::<Response>(&read_frame(&mut s).unwrap().unwrap()).unwrap(), Response::Error(_)));
+    }
+}
