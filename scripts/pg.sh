@@ -45,6 +45,8 @@ shared_buffers = 512MB
 maintenance_work_mem = 1GB
 max_parallel_maintenance_workers = 1
 lorag.model_dir = '$ROOT/models'
+# one model worker for the whole server (lorag works without it, each connection loading its own models)
+shared_preload_libraries = 'lorag'
 CONF
     fi
     [ -d "$ROOT/models" ] && [ "$(id -u)" = 0 ] && make_reachable "$ROOT/models"

@@ -122,6 +122,10 @@ pub extern "C-unwind" fn lorag_model_worker_main(_arg: pg_sys::Datum) {
         stop_model_process(pid);
     }
     let _ = std::fs::remove_file(SOCKET);
+    // Exit status 1: if this was pg_terminate_backend() and not a shutdown, the postmaster
+    // starts the worker again after bgw_restart_time (status 0 would retire it for good).
+    // Safety: the ordinary way out of a PostgreSQL process.
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 /// Forks the model process; in the parent, returns its pid.
@@ -178,6 +182,7 @@ fn model_process_main(listener: &UnixListener) -> ! {
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        libc::prctl(libc::PR_SET_NAME, c"lorag models".as_ptr());
         if libc::getppid() != parent {
             libc::_exit(1);
         }
@@ -232,8 +237,12 @@ fn wait(events: u32, fd: i32, ms: i64) {
 fn connection() -> UnixStream {
     if let Some(stream) = CONNECTION.with(|c| c.borrow_mut().take()) {
         let mut probe = [0u8; 1];
+        // Safety: a non-blocking peek of one byte into a local buffer.
+        let n = unsafe {
+            libc::recv(stream.as_raw_fd(), probe.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        };
         // Open and idle: no data, no end-of-file. Anything else means the process it led to is gone.
-        if stream.set_nonblocking(true).is_ok() && matches!(stream.peek(&mut probe), Err(e) if e.kind() == ErrorKind::WouldBlock) {
+        if n < 0 && std::io::Error::last_os_error().kind() == ErrorKind::WouldBlock {
             return stream;
         }
     }

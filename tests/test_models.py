@@ -19,9 +19,13 @@ def as_np(v):
     return v.to_numpy() if hasattr(v, "to_numpy") else np.asarray(v)
 
 
-@pytest.fixture
-def vconn(conn):
+@pytest.fixture(params=["worker", "in-backend"])
+def vconn(conn, request):
+    """Each model test runs twice: through the shared model worker (the test server preloads
+    lorag), and inside the backend with the worker switched off for the session."""
     register_vector(conn)
+    if request.param == "in-backend":
+        conn.execute("SET lorag.use_worker = off")
     return conn
 
 
@@ -87,8 +91,11 @@ def test_chunk_splits_on_tokens_and_sentences(vconn):
 
 def test_worker_status_reports_the_device(vconn):
     emb(vconn, "warm up")
-    mode, device, models, memory, queue, served = vconn.execute("SELECT * FROM lorag.worker_status()").fetchone()
+    mode, device, models, memory, queue, served, pid, _, _ = vconn.execute("SELECT * FROM lorag.worker_status()").fetchone()
     assert device == "cpu" and "all-MiniLM-L6-v2" in models and memory > 50_000_000 and served >= 1
+    backend = vconn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    in_backend = vconn.execute("SHOW lorag.use_worker").fetchone()[0] == "off"
+    assert mode.startswith("in-backend" if in_backend else "worker") and (pid == backend) == in_backend
 
 
 @pytest.fixture
@@ -145,7 +152,9 @@ def ndcg_at_10(ranked, relevant):
 
 
 @pytest.mark.skipif(not CRANFIELD.exists(), reason="Cranfield data not at ../shared/data")
-def test_cranfield_ndcg_reproduces_the_reference(vconn):
+def test_cranfield_ndcg_reproduces_the_reference(conn):
+    vconn = conn  # through the shared worker only: the in-backend path computes the same numbers
+    register_vector(vconn)
     docs = [json.loads(l) for l in (CRANFIELD / "corpus.jsonl").read_text().splitlines() if l.strip()]
     queries = {q["_id"]: q["text"] for q in map(json.loads, (CRANFIELD / "queries.jsonl").read_text().splitlines()) if q}
     qrels = {}
