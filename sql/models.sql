@@ -8,11 +8,13 @@ CREATE TABLE lorag.models (
     checksum    text CHECK (checksum ~ '^[0-9a-f]{64}$'),  -- sha256 of the weights file
     created_at  timestamptz NOT NULL DEFAULT now()
 );
-SELECT pg_catalog.pg_extension_config_dump('lorag.models', 'WHERE name <> ''all-MiniLM-L6-v2''');
+SELECT pg_catalog.pg_extension_config_dump('lorag.models', 'WHERE name NOT IN (''all-MiniLM-L6-v2'', ''SmolLM2-135M-Instruct'')');
 
 INSERT INTO lorag.models (name, kind, path, dimensions, checksum) VALUES
     ('all-MiniLM-L6-v2', 'embedding', 'all-MiniLM-L6-v2', 384,
-     '53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db');
+     '53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db'),
+    -- built by make models from the GGUF (or fetched from the Hub), so no fixed checksum
+    ('SmolLM2-135M-Instruct', 'generator', 'SmolLM2-135M-Instruct', NULL, NULL);
 
 -- Registers (or replaces) a model folder. It names files, so only superusers may call it
 -- unless they grant it; relative paths must stay inside lorag.model_dir.
