@@ -5,6 +5,7 @@
 
 use crate::device::DeviceChoice;
 use crate::embed::Embedder;
+use crate::generate::{GenerateRequest, Generated, Generator, Stream};
 use crate::ModelError;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -33,9 +34,12 @@ impl ModelSpec {
 /// the same model are joined, up to this many texts.
 pub const BATCH: usize = 32;
 
+type Key = (PathBuf, Option<String>, String);
+
 #[derive(Default)]
 pub struct Engine {
-    embedders: HashMap<(PathBuf, Option<String>, String), Arc<Embedder>>,
+    embedders: HashMap<Key, Arc<Embedder>>,
+    generators: HashMap<Key, Arc<Generator>>,
     /// Loaded model names, in load order (for the status).
     names: Vec<String>,
     /// The device that really runs, once a model is loaded.
@@ -47,11 +51,8 @@ impl Engine {
         Engine::default()
     }
 
-    /// The embedder for `spec`, loaded (checksum verified) on first use.
-    pub fn embedder(&mut self, spec: &ModelSpec) -> Result<Arc<Embedder>, ModelError> {
-        if let Some(e) = self.embedders.get(&spec.key()) {
-            return Ok(e.clone());
-        }
+    /// Checks the weights' checksum and resolves the device, before a model loads.
+    fn prepare(&mut self, spec: &ModelSpec) -> Result<candle_core::Device, ModelError> {
         if let Some(expected) = &spec.checksum {
             let weights = spec.path.join("model.safetensors");
             let actual = crate::sha256_file(&weights)?;
@@ -60,13 +61,33 @@ impl Engine {
             }
         }
         let (device, device_name) = DeviceChoice::parse(&spec.device)?.resolve()?;
-        let e = Arc::new(Embedder::load(&spec.path, &device)?);
-        self.embedders.insert(spec.key(), e.clone());
         if !self.names.contains(&spec.name) {
             self.names.push(spec.name.clone());
         }
         self.device = Some(device_name);
+        Ok(device)
+    }
+
+    /// The embedder for `spec`, loaded (checksum verified) on first use.
+    pub fn embedder(&mut self, spec: &ModelSpec) -> Result<Arc<Embedder>, ModelError> {
+        if let Some(e) = self.embedders.get(&spec.key()) {
+            return Ok(e.clone());
+        }
+        let device = self.prepare(spec)?;
+        let e = Arc::new(Embedder::load(&spec.path, &device)?);
+        self.embedders.insert(spec.key(), e.clone());
         Ok(e)
+    }
+
+    /// The generator for `spec`, loaded (checksum verified) on first use.
+    pub fn generator(&mut self, spec: &ModelSpec) -> Result<Arc<Generator>, ModelError> {
+        if let Some(g) = self.generators.get(&spec.key()) {
+            return Ok(g.clone());
+        }
+        let device = self.prepare(spec)?;
+        let g = Arc::new(Generator::load(&spec.path, &device)?);
+        self.generators.insert(spec.key(), g.clone());
+        Ok(g)
     }
 
     pub fn loaded_models(&self) -> &[String] {
@@ -81,15 +102,40 @@ impl Engine {
 /// What the scheduler of the model process computes; a trait so the batching can be tested
 /// without a model.
 pub trait Compute {
+    /// A generation in progress.
+    type Stream: Send;
     /// Embeds one batch of at most [`BATCH`] texts with one forward pass.
     fn embed(&mut self, spec: &ModelSpec, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Prepares a generation (loads the model, tokenises the prompt).
+    fn start(&mut self, req: &GenerateRequest) -> Result<Self::Stream, ModelError>;
+    /// One decoding step of several streams of `spec`'s model, together.
+    fn step(&mut self, spec: &ModelSpec, streams: &mut [&mut Self::Stream]) -> Result<(), ModelError>;
+    /// The answer of a stream, once it has finished.
+    fn finished(&mut self, spec: &ModelSpec, stream: &Self::Stream) -> Option<Result<Generated, ModelError>>;
     /// Device, loaded models.
     fn describe(&self) -> (Option<String>, Vec<String>);
 }
 
 impl Compute for Engine {
+    type Stream = Stream;
+
     fn embed(&mut self, spec: &ModelSpec, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
         self.embedder(spec)?.embed(texts)
+    }
+
+    fn start(&mut self, req: &GenerateRequest) -> Result<Stream, ModelError> {
+        self.generator(&req.model)?.start(req)
+    }
+
+    fn step(&mut self, spec: &ModelSpec, streams: &mut [&mut Stream]) -> Result<(), ModelError> {
+        self.generator(spec)?.step(streams)
+    }
+
+    fn finished(&mut self, spec: &ModelSpec, stream: &Stream) -> Option<Result<Generated, ModelError>> {
+        if !stream.is_finished() {
+            return None;
+        }
+        Some(self.generator(spec).and_then(|g| g.result(stream)))
     }
 
     fn describe(&self) -> (Option<String>, Vec<String>) {

@@ -10,6 +10,7 @@ pub mod device;
 pub mod embed;
 pub mod engine;
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod protocol;
 pub mod serve;

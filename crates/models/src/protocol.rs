@@ -3,6 +3,7 @@
 //! one connection carries one request at a time, and closing it cancels what it asked for.
 
 use crate::engine::ModelSpec;
+use crate::generate::{GenerateRequest, Generated};
 use crate::ModelError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,9 @@ pub const MAX_FRAME: usize = 1 << 30;
 pub enum Request {
     /// Embed `texts` with `model`; answered with [`Response::Embeddings`], one per text.
     Embed { model: ModelSpec, texts: Vec<String> },
+    /// Generate text; answered with [`Response::Generated`]. Decoded in steps together with
+    /// the other requests for the same model.
+    Generate(GenerateRequest),
     /// Answered at once with [`Response::Status`], never queued behind computation.
     Status,
 }
@@ -22,6 +26,7 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     Embeddings(Vec<Vec<f32>>),
+    Generated(Generated),
     Status(WorkerStatus),
     Error(ModelError),
 }
@@ -39,6 +44,9 @@ pub struct WorkerStatus {
     /// Forward passes run, and texts in them (their ratio is the mean batch).
     pub batches: u64,
     pub batched_texts: u64,
+    /// Decoding steps run, and streams in them (their ratio is the mean decoding batch).
+    pub decode_steps: u64,
+    pub decoded_streams: u64,
 }
 
 /// `msg` as one frame.

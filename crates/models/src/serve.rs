@@ -10,11 +10,17 @@
 //! arriving together from several backends share a pass, and one large request is cut into
 //! passes that others can join.
 //!
+//! Generation: each request becomes a stream; every scheduler turn runs one decoding step for
+//! all live streams of one model together (a new stream's whole prompt rides along in the same
+//! step), alternating with embedding passes so neither starves.
+//!
 //! Cancel: a backend that gives up (query cancel, statement_timeout, disconnect) closes its
-//! connection; the reader drops that connection's queued requests at once, and a pass already
-//! running for it finishes without anyone receiving its result (at most one pass is wasted).
+//! connection; the reader drops that connection's queued requests at once, the scheduler drops
+//! its streams before the next step, and a pass already running for it finishes without anyone
+//! receiving its result (at most one pass or step is wasted).
 
 use crate::engine::{Compute, ModelSpec, BATCH};
+use crate::generate::GenerateRequest;
 use crate::protocol::{decode, encode, read_frame, Request, Response, WorkerStatus};
 use std::collections::VecDeque;
 use std::io::Write;
@@ -38,10 +44,31 @@ struct Job {
     reply: Reply,
 }
 
+/// Streams decoded together in one step, at most.
+const MAX_STREAMS: usize = 16;
+
+struct GenJob {
+    conn: u64,
+    request: GenerateRequest,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct Queue {
+    embed: VecDeque<Job>,
+    generate: VecDeque<GenJob>,
+    /// Connections closed since the scheduler last looked: their streams are dropped.
+    closed: Vec<u64>,
+}
+
 #[derive(Default)]
 struct Shared {
-    jobs: Mutex<VecDeque<Job>>,
+    jobs: Mutex<Queue>,
     ready: Condvar,
+    /// Streams being decoded (owned by the scheduler; counted here for the status).
+    streams: AtomicU64,
+    decode_steps: AtomicU64,
+    decoded_streams: AtomicU64,
     next_id: AtomicU64,
     served: AtomicU64,
     batches: AtomicU64,
@@ -72,10 +99,15 @@ impl Shared {
             device,
             models,
             memory_bytes: resident_bytes(),
-            queue_depth: self.jobs.lock().unwrap_or_else(|p| p.into_inner()).len() as u64,
+            queue_depth: {
+                let q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                (q.embed.len() + q.generate.len()) as u64 + self.streams.load(Ordering::Relaxed)
+            },
             requests_served: self.served.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
             batched_texts: self.batched_texts.load(Ordering::Relaxed),
+            decode_steps: self.decode_steps.load(Ordering::Relaxed),
+            decoded_streams: self.decoded_streams.load(Ordering::Relaxed),
         }
     }
 
@@ -98,26 +130,41 @@ impl Shared {
                 Ok(Request::Embed { model, texts }) => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     let job = Job { id, conn, spec: model, out: Vec::with_capacity(texts.len()), texts, reply: reply.clone() };
-                    self.jobs.lock().unwrap_or_else(|p| p.into_inner()).push_back(job);
+                    self.jobs.lock().unwrap_or_else(|p| p.into_inner()).embed.push_back(job);
+                    self.ready.notify_one();
+                }
+                Ok(Request::Generate(request)) => {
+                    let job = GenJob { conn, request, reply: reply.clone() };
+                    self.jobs.lock().unwrap_or_else(|p| p.into_inner()).generate.push_back(job);
                     self.ready.notify_one();
                 }
                 Err(e) => send(&reply, &Response::Error(e)),
             }
         }
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).retain(|j| j.conn != conn);
+        let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        q.embed.retain(|j| j.conn != conn);
+        q.generate.retain(|j| j.conn != conn);
+        q.closed.push(conn);
+        self.ready.notify_one();
     }
 
-    /// The next pass: the oldest request's model, and up to BATCH of its pending texts taken
-    /// from every request for that model, oldest first. Returns (model, texts, [(job, count)]).
-    fn next_batch(&self) -> (ModelSpec, Vec<String>, Vec<(u64, usize)>) {
-        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        while jobs.is_empty() {
-            jobs = self.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+    /// Waits until there is work (unless `busy`: streams are live), then takes the new
+    /// generation requests, the connections closed meanwhile, and the next embedding pass: the
+    /// oldest request's model and up to BATCH of its pending texts taken from every request for
+    /// that model, oldest first, as (model, texts, [(job, count)]).
+    #[allow(clippy::type_complexity)]
+    fn next_work(&self, busy: bool) -> (Vec<GenJob>, Vec<u64>, Option<(ModelSpec, Vec<String>, Vec<(u64, usize)>)>) {
+        let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        while !busy && q.embed.is_empty() && q.generate.is_empty() && q.closed.is_empty() {
+            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
         }
-        let spec = jobs[0].spec.clone();
+        let new: Vec<GenJob> = q.generate.drain(..).collect();
+        let closed = std::mem::take(&mut q.closed);
+        let Some(first) = q.embed.front() else { return (new, closed, None) };
+        let spec = first.spec.clone();
         let mut texts = Vec::with_capacity(BATCH);
         let mut parts = Vec::new();
-        for job in jobs.iter().filter(|j| j.spec == spec) {
+        for job in q.embed.iter().filter(|j| j.spec == spec) {
             let start = job.out.len();
             let n = (job.texts.len() - start).min(BATCH - texts.len());
             texts.extend(job.texts[start..start + n].iter().cloned());
@@ -126,14 +173,15 @@ impl Shared {
                 break;
             }
         }
-        (spec, texts, parts)
+        (new, closed, Some((spec, texts, parts)))
     }
 
     /// Hands a pass's results to its requests and answers the ones now complete.
     fn finish_batch(&self, parts: &[(u64, usize)], result: Result<Vec<Vec<f32>>, crate::ModelError>) {
         let mut answers = Vec::new();
         {
-            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let jobs = &mut q.embed;
             match result {
                 Ok(vectors) => {
                     let mut vectors = vectors.into_iter();
@@ -185,27 +233,90 @@ pub fn serve<C: Compute>(listener: UnixListener, mut compute: C) -> ! {
             }
         })
         .expect("spawning the accept thread");
+    let mut live: Vec<Live<C::Stream>> = Vec::new();
     loop {
-        let (spec, texts, parts) = shared.next_batch();
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        // A panic inside the runtime fails this pass's requests, not the process.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute.embed(&spec, &refs)))
-            .unwrap_or_else(|p| {
-                let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-                Err(crate::ModelError::Runtime(format!("panic: {}", what.unwrap_or_default())))
-            })
-            .and_then(|v| {
-            if v.len() == refs.len() {
-                Ok(v)
-            } else {
-                Err(crate::ModelError::Runtime(format!("{} inputs gave {} embeddings", refs.len(), v.len())))
+        let (new, closed, pass) = shared.next_work(!live.is_empty());
+        live.retain(|l| !closed.contains(&l.conn));
+        for job in new {
+            match guarded(|| compute.start(&job.request)) {
+                Ok(stream) => live.push(Live { conn: job.conn, spec: job.request.model, reply: job.reply, stream }),
+                Err(e) => send(&job.reply, &Response::Error(e)),
             }
-        });
-        shared.batches.fetch_add(1, Ordering::Relaxed);
-        shared.batched_texts.fetch_add(texts.len() as u64, Ordering::Relaxed);
+        }
+        if let Some((spec, texts, parts)) = pass {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let result = guarded(|| compute.embed(&spec, &refs)).and_then(|v| {
+                if v.len() == refs.len() {
+                    Ok(v)
+                } else {
+                    Err(crate::ModelError::Runtime(format!("{} inputs gave {} embeddings", refs.len(), v.len())))
+                }
+            });
+            shared.batches.fetch_add(1, Ordering::Relaxed);
+            shared.batched_texts.fetch_add(texts.len() as u64, Ordering::Relaxed);
+            shared.finish_batch(&parts, result);
+        }
+        if !live.is_empty() {
+            decode_step(&shared, &mut compute, &mut live);
+        }
+        shared.streams.store(live.len() as u64, Ordering::Relaxed);
         *shared.describe.lock().unwrap_or_else(|p| p.into_inner()) = compute.describe();
-        shared.finish_batch(&parts, result);
     }
+}
+
+/// A generation being decoded.
+struct Live<S> {
+    conn: u64,
+    spec: ModelSpec,
+    reply: Reply,
+    stream: S,
+}
+
+/// Runs `f`, turning a panic inside the runtime into an error for the requests at hand.
+fn guarded<T>(f: impl FnOnce() -> Result<T, crate::ModelError>) -> Result<T, crate::ModelError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(crate::ModelError::Runtime(format!("panic: {}", what.unwrap_or_default())))
+    })
+}
+
+/// One decoding step for up to MAX_STREAMS live streams of the oldest stream's model, then
+/// answers the ones that finished.
+fn decode_step<C: Compute>(shared: &Shared, compute: &mut C, live: &mut Vec<Live<C::Stream>>) {
+    let spec = live[0].spec.clone();
+    let chosen: Vec<usize> = (0..live.len()).filter(|&i| live[i].spec == spec).take(MAX_STREAMS).collect();
+    let result = {
+        let mut streams: Vec<&mut C::Stream> =
+            live.iter_mut().enumerate().filter(|(i, _)| chosen.contains(i)).map(|(_, l)| &mut l.stream).collect();
+        guarded(|| compute.step(&spec, &mut streams))
+    };
+    shared.decode_steps.fetch_add(1, Ordering::Relaxed);
+    shared.decoded_streams.fetch_add(chosen.len() as u64, Ordering::Relaxed);
+    let mut i = 0;
+    let mut k = 0;
+    live.retain_mut(|l| {
+        let mine = chosen.get(k) == Some(&i);
+        i += 1;
+        if !mine {
+            return true;
+        }
+        k += 1;
+        let answer = match &result {
+            Err(e) => Some(Response::Error(e.clone())),
+            Ok(()) => compute.finished(&spec, &l.stream).map(|r| match r {
+                Ok(g) => Response::Generated(g),
+                Err(e) => Response::Error(e),
+            }),
+        };
+        match answer {
+            Some(response) => {
+                shared.served.fetch_add(1, Ordering::Relaxed);
+                send(&l.reply, &response);
+                false
+            }
+            None => true,
+        }
+    });
 }
 
 #[cfg(test)]
@@ -214,13 +325,54 @@ mod tests {
     use crate::ModelError;
     use std::sync::atomic::AtomicUsize;
 
-    /// Embeds a text as [its length, its first byte]; records the size of each pass.
+    /// Embeds a text as [its length, its first byte]; records the size of each pass. A
+    /// generation of max_tokens n takes n steps of 20 ms and answers its prompt upper-cased.
     struct Fake {
         passes: Arc<Mutex<Vec<usize>>>,
         computed: Arc<AtomicUsize>,
+        steps: Arc<Mutex<Vec<usize>>>,
+    }
+
+    struct FakeStream {
+        left: usize,
+        prompt: String,
+        steps: usize,
     }
 
     impl Compute for Fake {
+        type Stream = FakeStream;
+
+        fn start(&mut self, req: &GenerateRequest) -> Result<FakeStream, ModelError> {
+            if req.prompt == "fail" {
+                return Err(ModelError::Invalid("bad prompt".into()));
+            }
+            Ok(FakeStream { left: req.max_tokens, prompt: req.prompt.clone(), steps: 0 })
+        }
+
+        fn step(&mut self, _spec: &ModelSpec, streams: &mut [&mut FakeStream]) -> Result<(), ModelError> {
+            std::thread::sleep(Duration::from_millis(20));
+            self.steps.lock().unwrap().push(streams.len());
+            for s in streams.iter_mut() {
+                s.left -= 1;
+                s.steps += 1;
+            }
+            Ok(())
+        }
+
+        fn finished(&mut self, _spec: &ModelSpec, s: &FakeStream) -> Option<Result<crate::generate::Generated, ModelError>> {
+            (s.left == 0).then(|| {
+                Ok(crate::generate::Generated {
+                    text: s.prompt.to_uppercase(),
+                    prompt_tokens: 0,
+                    generated_tokens: s.steps,
+                    context_tokens_cut: 0,
+                    finish_reason: "length".into(),
+                    time_to_first_token_ms: 0.0,
+                    total_ms: 0.0,
+                })
+            })
+        }
+
         fn embed(&mut self, spec: &ModelSpec, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
             if spec.name == "broken" {
                 return Err(ModelError::Corrupt { path: spec.path.clone(), detail: "test".into() });
@@ -246,15 +398,75 @@ mod tests {
     }
 
     fn start() -> (std::path::PathBuf, Arc<Mutex<Vec<usize>>>, Arc<AtomicUsize>) {
+        let (path, passes, computed, _) = start_with_steps();
+        (path, passes, computed)
+    }
+
+    fn start_with_steps() -> (std::path::PathBuf, Arc<Mutex<Vec<usize>>>, Arc<AtomicUsize>, Arc<Mutex<Vec<usize>>>) {
         let dir = std::env::temp_dir().join(format!("lorag-serve-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let passes = Arc::new(Mutex::new(Vec::new()));
         let computed = Arc::new(AtomicUsize::new(0));
-        let fake = Fake { passes: passes.clone(), computed: computed.clone() };
+        let steps = Arc::new(Mutex::new(Vec::new()));
+        let fake = Fake { passes: passes.clone(), computed: computed.clone(), steps: steps.clone() };
         std::thread::spawn(move || serve(listener, fake));
-        (path, passes, computed)
+        (path, passes, computed, steps)
+    }
+
+    fn gen(prompt: &str, max_tokens: usize) -> Request {
+        Request::Generate(GenerateRequest {
+            model: spec("g"),
+            prompt: prompt.into(),
+            system: None,
+            context: vec![],
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        })
+    }
+
+    #[test]
+    fn generations_of_several_connections_are_decoded_in_shared_steps() {
+        let (path, _, _, steps) = start_with_steps();
+        let clients: Vec<_> = (0..4)
+            .map(|c| {
+                let path = path.clone();
+                std::thread::spawn(move || (c, call(&path, &gen(&format!("client {c}"), 10))))
+            })
+            .collect();
+        // an embedding request is served meanwhile, not after all decoding
+        let t = std::time::Instant::now();
+        assert!(matches!(call(&path, &Request::Embed { model: spec("m"), texts: vec!["e".into()] }), Response::Embeddings(_)));
+        assert!(t.elapsed() < Duration::from_millis(150), "embedding waited for generation: {:?}", t.elapsed());
+        for client in clients {
+            let (c, response) = client.join().unwrap();
+            let Response::Generated(g) = response else { panic!("{response:?}") };
+            assert_eq!(g.text, format!("CLIENT {c}"));
+            assert_eq!(g.generated_tokens, 10);
+        }
+        let steps = steps.lock().unwrap().clone();
+        assert_eq!(steps.iter().sum::<usize>(), 40);
+        assert!(steps.len() < 25, "4 streams of 10 steps were not decoded together: {steps:?}");
+        assert!(matches!(call(&path, &gen("fail", 3)), Response::Error(ModelError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_closed_connection_stops_its_generation() {
+        let (path, _, _, steps) = start_with_steps();
+        {
+            let mut s = UnixStream::connect(&path).unwrap();
+            s.write_all(&encode(&gen("long", 10_000))).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let n = steps.lock().unwrap().len();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(steps.lock().unwrap().len(), n, "decoding went on for a closed connection");
+        let Response::Status(st) = call(&path, &Request::Status) else { panic!() };
+        assert_eq!(st.queue_depth, 0);
     }
 
     fn rand_suffix() -> u64 {

@@ -1,0 +1,530 @@
+//! Text generation with LLaMA-family decoders (SmolLM2 by default; Llama and Qwen2 configs).
+//!
+//! Follows candle's model shape (`Config` from `config.json`, weights by checkpoint name), with
+//! one difference that is the point of this file: the KV cache lives outside the model, one per
+//! stream, and [`Llama::forward`] takes *several* streams at once. The new tokens of every
+//! stream (a whole prompt for a new one, one token for the others) go through each weight
+//! matrix as one matrix product; only attention runs per stream, against that stream's cache.
+//! Decoding is bound by reading the weights, so N streams decoded together cost about one.
+//!
+//! Prompts use the chat template of `tokenizer_config.json` (rendered with minijinja); context
+//! passages (retrieved rows) are cut, last first, to fit the model's context window, never the
+//! question.
+
+use crate::engine::ModelSpec;
+use crate::ModelError;
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    ln1: RmsNorm,
+    ln2: RmsNorm,
+}
+
+pub struct Llama {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    pub config: Config,
+}
+
+/// One stream's keys and values, per layer: (1, kv_heads, positions, head_dim).
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    pub position: usize,
+}
+
+impl Llama {
+    pub fn load(vb: VarBuilder, config: Config) -> candle_core::Result<Llama> {
+        let heads = config.num_attention_heads;
+        let kv_heads = config.num_key_value_heads.unwrap_or(heads);
+        let head_dim = config.hidden_size / heads;
+        let h = config.hidden_size;
+        // Qwen2 puts biases on q, k and v; Llama and SmolLM2 have none.
+        let qkv_bias = config.model_type.as_deref() == Some("qwen2");
+        let embed = candle_nn::embedding(config.vocab_size, h, vb.pp("model.embed_tokens"))?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let vb = vb.pp(format!("model.layers.{i}"));
+            let att = vb.pp("self_attn");
+            let mlp = vb.pp("mlp");
+            layers.push(Layer {
+                q: candle_nn::linear_b(h, heads * head_dim, qkv_bias, att.pp("q_proj"))?,
+                k: candle_nn::linear_b(h, kv_heads * head_dim, qkv_bias, att.pp("k_proj"))?,
+                v: candle_nn::linear_b(h, kv_heads * head_dim, qkv_bias, att.pp("v_proj"))?,
+                o: candle_nn::linear_no_bias(heads * head_dim, h, att.pp("o_proj"))?,
+                gate: candle_nn::linear_no_bias(h, config.intermediate_size, mlp.pp("gate_proj"))?,
+                up: candle_nn::linear_no_bias(h, config.intermediate_size, mlp.pp("up_proj"))?,
+                down: candle_nn::linear_no_bias(config.intermediate_size, h, mlp.pp("down_proj"))?,
+                ln1: candle_nn::rms_norm(h, config.rms_norm_eps, vb.pp("input_layernorm"))?,
+                ln2: candle_nn::rms_norm(h, config.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            });
+        }
+        let norm = candle_nn::rms_norm(h, config.rms_norm_eps, vb.pp("model.norm"))?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(embed.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(h, config.vocab_size, vb.pp("lm_head"))?
+        };
+        let device = vb.device();
+        let inv: Vec<f32> =
+            (0..head_dim / 2).map(|i| 1.0 / (config.rope_theta as f32).powf(2.0 * i as f32 / head_dim as f32)).collect();
+        let inv = Tensor::new(inv, device)?.unsqueeze(0)?;
+        let t = Tensor::arange(0u32, config.max_position_embeddings as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+        let freqs = t.broadcast_mul(&inv)?;
+        Ok(Llama { embed, layers, norm, lm_head, cos: freqs.cos()?, sin: freqs.sin()?, heads, kv_heads, head_dim, config })
+    }
+
+    /// Runs the new `tokens` of each stream (after what its cache holds) and returns the
+    /// next-token logits of each stream, (streams, vocab).
+    pub fn forward(&self, batch: &mut [(&[u32], &mut KvCache)]) -> candle_core::Result<Tensor> {
+        let device = self.cos.device();
+        let all: Vec<u32> = batch.iter().flat_map(|(t, _)| t.iter().copied()).collect();
+        let mut x = self.embed.forward(&Tensor::new(all.as_slice(), device)?)?; // (T, hidden)
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.ln1.forward(&x)?;
+            let (q, k, v) = (layer.q.forward(&h)?, layer.k.forward(&h)?, layer.v.forward(&h)?);
+            let mut outs = Vec::with_capacity(batch.len());
+            let mut offset = 0;
+            for (tokens, cache) in batch.iter_mut() {
+                let n = tokens.len();
+                let pos = cache.position;
+                let split = |t: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
+                    t.narrow(0, offset, n)?.reshape((n, heads, self.head_dim))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)
+                };
+                let (cos, sin) = (self.cos.narrow(0, pos, n)?, self.sin.narrow(0, pos, n)?);
+                let qi = candle_nn::rotary_emb::rope(&split(&q, self.heads)?, &cos, &sin)?;
+                let ki = candle_nn::rotary_emb::rope(&split(&k, self.kv_heads)?, &cos, &sin)?;
+                let vi = split(&v, self.kv_heads)?;
+                if cache.layers.len() < self.layers.len() {
+                    cache.layers.resize_with(self.layers.len(), || None);
+                }
+                let (kc, vc) = match cache.layers[li].take() {
+                    Some((kp, vp)) => (Tensor::cat(&[&kp, &ki], 2)?, Tensor::cat(&[&vp, &vi], 2)?),
+                    None => (ki, vi),
+                };
+                cache.layers[li] = Some((kc.clone(), vc.clone()));
+                let rep = self.heads / self.kv_heads;
+                let kr = candle_transformers::utils::repeat_kv(kc, rep)?.contiguous()?;
+                let vr = candle_transformers::utils::repeat_kv(vc, rep)?.contiguous()?;
+                let mut att = (qi.matmul(&kr.t()?)? * scale)?; // (1, heads, n, pos + n)
+                if n > 1 {
+                    let total = pos + n;
+                    let mask: Vec<f32> = (0..n)
+                        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+                        .collect();
+                    att = att.broadcast_add(&Tensor::from_vec(mask, (n, total), device)?)?;
+                }
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                let o = att.matmul(&vr)?.squeeze(0)?.transpose(0, 1)?.reshape((n, self.heads * self.head_dim))?;
+                outs.push(o);
+                offset += n;
+            }
+            let o = Tensor::cat(&outs, 0)?;
+            x = (x + layer.o.forward(&o)?)?;
+            let h = layer.ln2.forward(&x)?;
+            let m = layer.down.forward(&(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?)?;
+            x = (x + m)?;
+        }
+        let mut last = Vec::with_capacity(batch.len());
+        let mut end = 0u32;
+        for (tokens, cache) in batch.iter_mut() {
+            end += tokens.len() as u32;
+            last.push(end - 1);
+            cache.position += tokens.len();
+        }
+        let x = x.index_select(&Tensor::new(last.as_slice(), device)?, 0)?;
+        self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+}
+
+/// What a caller asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub model: ModelSpec,
+    pub prompt: String,
+    pub system: Option<String>,
+    /// Passages to answer from (best first); cut from the end to fit the context window.
+    pub context: Vec<String>,
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+/// What comes back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generated {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Tokens of context passages left out to fit the model's context window.
+    pub context_tokens_cut: usize,
+    /// "stop" (a stop token) or "length" (max_tokens reached).
+    pub finish_reason: String,
+    pub time_to_first_token_ms: f64,
+    pub total_ms: f64,
+}
+
+pub struct Generator {
+    pub model: Llama,
+    tokenizer: Tokenizer,
+    template: Option<String>,
+    stop: Vec<u32>,
+}
+
+/// One request being decoded.
+pub struct Stream {
+    pending: Vec<u32>,
+    cache: KvCache,
+    sampler: LogitsProcessor,
+    out: Vec<u32>,
+    max_tokens: usize,
+    prompt_tokens: usize,
+    context_tokens_cut: usize,
+    started: Instant,
+    first_token_ms: Option<f64>,
+    finish: Option<&'static str>,
+}
+
+impl Stream {
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+}
+
+/// The prompt's user turn: the question alone, or the passages and then the question.
+fn user_turn(prompt: &str, context: &[String]) -> String {
+    if context.is_empty() {
+        return prompt.to_owned();
+    }
+    let mut s = String::from("Answer the question using only the context below. If the context does not contain the answer, say that you do not know.\n\nContext:\n");
+    for (i, c) in context.iter().enumerate() {
+        s.push_str(&format!("[{}] {}\n", i + 1, c.trim()));
+    }
+    s.push_str(&format!("\nQuestion: {prompt}"));
+    s
+}
+
+impl Generator {
+    pub fn load(dir: &Path, device: &Device) -> Result<Generator, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::Missing { path: dir.to_owned() });
+        }
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+        let config: Config = serde_json::from_str(&text).map_err(|e| ModelError::corrupt(&config_path, e))?;
+        match config.model_type.as_deref() {
+            None | Some("llama") | Some("qwen2") | Some("mistral") => {}
+            Some(other) => return Err(ModelError::Invalid(format!("model type \"{other}\" is not a supported generator (llama, qwen2)"))),
+        }
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(ModelError::Missing { path: tok_path });
+        }
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| ModelError::corrupt(&tok_path, e))?;
+        let template = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).map(str::to_owned));
+        let mut stop: Vec<u32> = match &config.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|n| n.as_u64().map(|n| n as u32)).collect(),
+            _ => Vec::new(),
+        };
+        for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"] {
+            if let Some(id) = tokenizer.token_to_id(t) {
+                if !stop.contains(&id) {
+                    stop.push(id);
+                }
+            }
+        }
+        let weights = dir.join("model.safetensors");
+        let bytes = std::fs::read(&weights).map_err(|e| ModelError::io(&weights, e))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| ModelError::corrupt(&weights, e))?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let model = Llama::load(vb, config).map_err(|e| ModelError::corrupt(&weights, e))?;
+        Ok(Generator { model, tokenizer, template, stop })
+    }
+
+    pub fn context_window(&self) -> usize {
+        self.model.config.max_position_embeddings
+    }
+
+    fn render(&self, system: Option<&str>, user: &str) -> Result<String, ModelError> {
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(serde_json::json!({"role": "system", "content": s}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": user}));
+        match &self.template {
+            Some(t) => {
+                let mut env = minijinja::Environment::new();
+                env.add_template("chat", t).map_err(|e| ModelError::Invalid(format!("chat template: {e}")))?;
+                env.get_template("chat")
+                    .and_then(|t| t.render(minijinja::context! { messages => messages, add_generation_prompt => true, bos_token => "", eos_token => "" }))
+                    .map_err(|e| ModelError::Invalid(format!("chat template: {e}")))
+            }
+            // No template: ChatML, which SmolLM2 and Qwen2 use.
+            None => {
+                let mut s = String::new();
+                for m in &messages {
+                    s.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m["role"].as_str().unwrap_or(""), m["content"].as_str().unwrap_or("")));
+                }
+                s.push_str("<|im_start|>assistant\n");
+                Ok(s)
+            }
+        }
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        Ok(self.tokenizer.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    }
+
+    /// Tokenises the prompt (cutting context to fit) and sets up sampling.
+    pub fn start(&self, req: &GenerateRequest) -> Result<Stream, ModelError> {
+        let started = Instant::now();
+        let window = self.context_window();
+        if req.max_tokens == 0 || req.max_tokens >= window {
+            return Err(ModelError::Invalid(format!("max_tokens must be between 1 and {} for this model", window - 1)));
+        }
+        let budget = window - req.max_tokens;
+        let bare = self.encode(&self.render(req.system.as_deref(), &user_turn(&req.prompt, &[]))?)?;
+        if bare.len() > budget {
+            return Err(ModelError::Invalid(format!(
+                "the prompt has {} tokens; with max_tokens {} it does not fit the model's context of {window} tokens",
+                bare.len(),
+                req.max_tokens
+            )));
+        }
+        // Keep passages in order while they fit; cut the one that crosses the budget.
+        let mut kept: Vec<String> = Vec::new();
+        let mut cut = 0usize;
+        let mut ids = bare;
+        for passage in &req.context {
+            let mut trial = kept.clone();
+            trial.push(passage.clone());
+            let t = self.encode(&self.render(req.system.as_deref(), &user_turn(&req.prompt, &trial))?)?;
+            let passage_tokens = self.encode(passage)?;
+            if t.len() <= budget {
+                kept = trial;
+                ids = t;
+                continue;
+            }
+            let room = budget.saturating_sub(ids.len()).saturating_sub(16);
+            let keep = room.min(passage_tokens.len());
+            cut += passage_tokens.len() - keep;
+            if keep > 0 {
+                let head = self.tokenizer.decode(&passage_tokens[..keep], true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+                let mut trial = kept.clone();
+                trial.push(head);
+                let t = self.encode(&self.render(req.system.as_deref(), &user_turn(&req.prompt, &trial))?)?;
+                if t.len() <= budget {
+                    kept = trial;
+                    ids = t;
+                }
+            }
+            for rest in req.context.iter().skip(kept.len() + 1) {
+                cut += self.encode(rest)?.len();
+            }
+            break;
+        }
+        let sampling = if req.temperature <= 0.0 {
+            Sampling::ArgMax
+        } else if req.top_p > 0.0 && req.top_p < 1.0 {
+            Sampling::TopP { p: req.top_p, temperature: req.temperature }
+        } else {
+            Sampling::All { temperature: req.temperature }
+        };
+        Ok(Stream {
+            prompt_tokens: ids.len(),
+            pending: ids,
+            cache: KvCache::default(),
+            sampler: LogitsProcessor::from_sampling(req.seed, sampling),
+            out: Vec::new(),
+            max_tokens: req.max_tokens,
+            context_tokens_cut: cut,
+            started,
+            first_token_ms: None,
+            finish: None,
+        })
+    }
+
+    /// One decoding step for every unfinished stream in `streams`, together.
+    pub fn step(&self, streams: &mut [&mut Stream]) -> Result<(), ModelError> {
+        let mut live: Vec<&mut Stream> = streams.iter_mut().map(|s| &mut **s).filter(|s| s.finish.is_none()).collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let pending: Vec<Vec<u32>> = live.iter_mut().map(|s| std::mem::take(&mut s.pending)).collect();
+        let logits = {
+            let mut batch: Vec<(&[u32], &mut KvCache)> =
+                pending.iter().zip(live.iter_mut()).map(|(p, s)| (p.as_slice(), &mut s.cache)).collect();
+            self.model.forward(&mut batch)?
+        };
+        for (i, s) in live.iter_mut().enumerate() {
+            let row = logits.get(i)?;
+            let next = s.sampler.sample(&row)?;
+            if s.first_token_ms.is_none() {
+                s.first_token_ms = Some(s.started.elapsed().as_secs_f64() * 1000.0);
+            }
+            if self.stop.contains(&next) {
+                s.finish = Some("stop");
+                continue;
+            }
+            s.out.push(next);
+            s.pending = vec![next];
+            if s.out.len() >= s.max_tokens {
+                s.finish = Some("length");
+            } else if s.cache.position + 1 >= self.context_window() {
+                s.finish = Some("length");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn result(&self, s: &Stream) -> Result<Generated, ModelError> {
+        Ok(Generated {
+            text: self.tokenizer.decode(&s.out, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?.trim().to_owned(),
+            prompt_tokens: s.prompt_tokens,
+            generated_tokens: s.out.len(),
+            context_tokens_cut: s.context_tokens_cut,
+            finish_reason: s.finish.unwrap_or("length").to_owned(),
+            time_to_first_token_ms: s.first_token_ms.unwrap_or(0.0),
+            total_ms: s.started.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Generates to the end, checking `keep_going` between steps (in-backend use).
+    pub fn generate(&self, req: &GenerateRequest, mut keep_going: impl FnMut()) -> Result<Generated, ModelError> {
+        let mut s = self.start(req)?;
+        while !s.is_finished() {
+            keep_going();
+            self.step(&mut [&mut s])?;
+        }
+        self.result(&s)
+    }
+
+    /// Bytes of weights one decoding step reads (for the bandwidth bound of the benchmark).
+    pub fn weight_bytes(&self) -> usize {
+        let c = &self.model.config;
+        let h = c.hidden_size;
+        let kv = c.num_key_value_heads.unwrap_or(c.num_attention_heads) * (h / c.num_attention_heads);
+        let per_layer = h * h * 2 + h * kv * 2 + 3 * h * c.intermediate_size + 2 * h;
+        4 * (per_layer * c.num_hidden_layers + h * c.vocab_size + h)
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default generator, as `make models` leaves it (CI fetches models before unit tests).
+    fn smollm2() -> Option<Generator> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct");
+        if !dir.join("model.safetensors").exists() {
+            eprintln!("SmolLM2 not fetched (make models): skipping");
+            return None;
+        }
+        Some(Generator::load(&dir, &Device::Cpu).unwrap())
+    }
+
+    fn request(prompt: &str, max_tokens: usize) -> GenerateRequest {
+        GenerateRequest {
+            model: ModelSpec { name: "g".into(), path: "/".into(), checksum: None, device: "cpu".into() },
+            prompt: prompt.into(),
+            system: None,
+            context: vec![],
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn smollm2_answers_and_batched_decoding_equals_one_at_a_time() {
+        let Some(g) = smollm2() else { return };
+        let alone = g.generate(&request("What is the capital of France?", 20), || {}).unwrap();
+        assert_eq!(alone.text, "The capital of France is Paris.");
+        assert_eq!(alone.finish_reason, "stop");
+        let other = g.generate(&request("Name a primary colour.", 12), || {}).unwrap();
+        // the two together, started at different times, give the same tokens
+        let mut a = g.start(&request("What is the capital of France?", 20)).unwrap();
+        let mut b = g.start(&request("Name a primary colour.", 12)).unwrap();
+        g.step(&mut [&mut a]).unwrap();
+        g.step(&mut [&mut a]).unwrap();
+        while !(a.is_finished() && b.is_finished()) {
+            g.step(&mut [&mut a, &mut b]).unwrap();
+        }
+        assert_eq!(g.result(&a).unwrap().text, alone.text);
+        assert_eq!(g.result(&b).unwrap().text, other.text);
+        // max_tokens ends a stream; sampling with a seed repeats
+        let short = g.generate(&request("Write a long story about a dragon.", 3), || {}).unwrap();
+        assert_eq!((short.generated_tokens, short.finish_reason.as_str()), (3, "length"));
+        let mut warm = request("Write a poem about the sea.", 8);
+        warm.temperature = 0.9;
+        warm.top_p = 0.9;
+        assert_eq!(g.generate(&warm, || {}).unwrap().text, g.generate(&warm, || {}).unwrap().text);
+    }
+
+    #[test]
+    fn context_is_cut_to_fit_never_the_question() {
+        let Some(g) = smollm2() else { return };
+        let window = g.context_window();
+        let mut req = request("What colour is the sky?", window / 2);
+        req.context = vec!["The sky is blue.".into(), "word ".repeat(window), "The grass is green.".into()];
+        let s = g.start(&req).unwrap();
+        assert!(s.prompt_tokens <= window - req.max_tokens);
+        assert!(s.context_tokens_cut > window / 2, "cut {}", s.context_tokens_cut);
+        let mut huge = request(&"why ".repeat(window), 10);
+        huge.context = vec!["The sky is blue.".into()];
+        assert!(matches!(g.start(&huge), Err(ModelError::Invalid(m)) if m.contains("does not fit")));
+        assert!(g.start(&request("hi", 0)).is_err());
+    }
+}
