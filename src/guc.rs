@@ -10,6 +10,12 @@ pub static LORAG_DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CStri
 /// `lorag.embedding_model`: the model `embed()` uses when none is named.
 pub static LORAG_EMBEDDING_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"all-MiniLM-L6-v2"));
 
+/// `lorag.generation_model`: the registered model `generate()` and `rag_answer()` use by default.
+pub static LORAG_GENERATION_MODEL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"SmolLM2-135M-Instruct"));
+/// `lorag.max_tokens`: the most tokens one `generate()` may ask for.
+pub static LORAG_MAX_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(1024);
+
 /// `lorag.use_worker`: send model requests to the shared worker when lorag is preloaded.
 pub static LORAG_USE_WORKER: GucSetting<bool> = GucSetting::<bool>::new(true);
 
@@ -80,6 +86,24 @@ pub fn init() {
         c"A name from lorag.models.",
         &LORAG_EMBEDDING_MODEL,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"lorag.generation_model",
+        c"The registered model generate() and rag_answer() use when none is named.",
+        c"A name from lorag.models of kind generator.",
+        &LORAG_GENERATION_MODEL,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"lorag.max_tokens",
+        c"The most new tokens one generate() or rag_answer() call may ask for.",
+        c"Bounds the time and memory one call can take. Only superusers may change it.",
+        &LORAG_MAX_TOKENS,
+        1,
+        32768,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(

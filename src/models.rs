@@ -1,4 +1,5 @@
-//! Models in SQL: the registry (`lorag.models`), `embed()`, `chunk()` and `worker_status()`.
+//! Models in SQL: the registry (`lorag.models`), `embed()`, `chunk()`, `generate()` and
+//! `worker_status()`.
 //!
 //! The backend resolves which model a call means (registry lookup through SPI, with the
 //! caller's privileges) into a [`ModelSpec`]. With lorag preloaded, the shared model worker
@@ -7,9 +8,10 @@
 //! `chunk()` only needs the tokenizer and always runs here.
 
 use crate::fmgr::{arg_i32, arg_is_null, sql_function};
-use crate::guc::{LORAG_DEVICE, LORAG_EMBEDDING_MODEL, LORAG_MODEL_DIR, LORAG_USE_WORKER};
+use crate::guc::{LORAG_DEVICE, LORAG_EMBEDDING_MODEL, LORAG_GENERATION_MODEL, LORAG_MAX_TOKENS, LORAG_MODEL_DIR, LORAG_USE_WORKER};
 use crate::worker;
 use lorag_models::engine::{Engine, ModelSpec, BATCH};
+use lorag_models::generate::{GenerateRequest, Generated};
 use lorag_models::protocol::{Request, Response};
 use lorag_models::tokenizers;
 use lorag_models::ModelError;
@@ -79,7 +81,8 @@ fn registered_names() -> String {
 /// Looks a model up by name (the GUC's default when `None`) and resolves its folder.
 fn lookup(name: Option<String>, kind: &str) -> ModelSpec {
     let name = name.unwrap_or_else(|| {
-        LORAG_EMBEDDING_MODEL.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+        let default = if kind == "generator" { &LORAG_GENERATION_MODEL } else { &LORAG_EMBEDDING_MODEL };
+        default.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
     });
     let row: Option<(Option<String>, Option<String>, Option<String>)> = Spi::connect(|client| {
         let rows = client
@@ -97,7 +100,7 @@ fn lookup(name: Option<String>, kind: &str) -> ModelSpec {
     if found_kind != kind {
         report(
             PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
-            format!("model \"{name}\" is a {found_kind} model, not an {kind} model"),
+            format!("model \"{name}\" is registered as a {found_kind} model, but this call needs a {kind} model"),
             Some(format!("Registered models: {}.", registered_names())),
         );
     }
@@ -253,6 +256,102 @@ sql_function!(lorag_chunk, pg_finfo_lorag_chunk, |fcinfo| {
     chunks.into_datum().expect("an array is never NULL")
 });
 
+/// Runs `req` in the shared worker, or here step by step with a check for cancel between steps.
+fn generate_text(req: GenerateRequest) -> Generated {
+    let generated = if worker::enabled() {
+        match worker::call(&Request::Generate(req)) {
+            Response::Generated(g) => g,
+            Response::Error(e) => raise(e),
+            other => raise(ModelError::Runtime(format!("unexpected answer from the model worker: {other:?}"))),
+        }
+    } else {
+        notice_in_backend();
+        let generator = ENGINE.with(|e| e.borrow_mut().generator(&req.model)).unwrap_or_else(|e| raise(e));
+        generator.generate(&req, || { pgrx::check_for_interrupts!(); }).unwrap_or_else(|e| raise(e))
+    };
+    REQUESTS.fetch_add(1, Ordering::Relaxed);
+    generated
+}
+
+fn invalid(message: String, hint: &str) -> ! {
+    report(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, Some(hint.into()))
+}
+
+// lorag._generate(prompt text, max_tokens int, temperature real, adapter text, model text,
+//                 system text, context text[], top_p real, seed bigint)
+//   → text[] (text, prompt_tokens, generated_tokens, context_tokens_cut, finish_reason,
+//             time_to_first_token_ms, total_ms)
+sql_function!(lorag_generate, pg_finfo_lorag_generate, |fcinfo| {
+    let Some(prompt) = text_arg(fcinfo, 0) else {
+        // Safety: returning SQL NULL.
+        return unsafe { pgrx::fcinfo::pg_return_null(fcinfo) };
+    };
+    if prompt.trim().is_empty() {
+        invalid("the prompt is empty".into(), "Pass the text the model should answer, e.g. generate('Explain VACUUM in one sentence.').");
+    }
+    // Safety: arguments 1, 2, 7, 8 are int4, float4, float4, int8 (or NULL).
+    let (max_tokens, temperature, top_p, seed) = unsafe {
+        (
+            if arg_is_null(fcinfo, 1) { 256 } else { arg_i32(fcinfo, 1) },
+            pgrx::fcinfo::pg_getarg::<f32>(fcinfo, 2).unwrap_or(0.0),
+            pgrx::fcinfo::pg_getarg::<f32>(fcinfo, 7).unwrap_or(0.9),
+            pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 8).unwrap_or(0),
+        )
+    };
+    let cap = LORAG_MAX_TOKENS.get();
+    if max_tokens < 1 {
+        invalid(format!("max_tokens must be at least 1, got {max_tokens}"), "For example generate(prompt, max_tokens => 128).");
+    }
+    if max_tokens > cap {
+        invalid(
+            format!("max_tokens {max_tokens} is above the limit lorag.max_tokens = {cap}"),
+            "Ask for fewer tokens, or have a superuser raise lorag.max_tokens.",
+        );
+    }
+    if !temperature.is_finite() || temperature < 0.0 {
+        invalid(format!("temperature must be 0 (greedy) or positive, got {temperature}"), "0 always picks the likeliest token; 0.7 is a common choice for varied text.");
+    }
+    if !top_p.is_finite() || top_p <= 0.0 || top_p > 1.0 {
+        invalid(format!("top_p must be in (0, 1], got {top_p}"), "0.9 keeps the tokens that make up 90% of the probability.");
+    }
+    if let Some(adapter) = text_arg(fcinfo, 3) {
+        report(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("adapter \"{adapter}\" cannot be used: LoRA adapters are not part of this version of lorag"),
+            Some("Call without adapter; lora_train() and adapters come with a later version.".into()),
+        );
+    }
+    let model = lookup(text_arg(fcinfo, 4), "generator");
+    let system = text_arg(fcinfo, 5);
+    // Safety: argument 6 is text[] (or NULL).
+    let context: Vec<String> = unsafe { pgrx::fcinfo::pg_getarg::<Vec<Option<String>>>(fcinfo, 6) }
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect();
+    let g = generate_text(GenerateRequest {
+        model,
+        prompt,
+        system,
+        context,
+        max_tokens: max_tokens as usize,
+        temperature: f64::from(temperature),
+        top_p: f64::from(top_p),
+        seed: seed as u64,
+    });
+    vec![
+        g.text,
+        g.prompt_tokens.to_string(),
+        g.generated_tokens.to_string(),
+        g.context_tokens_cut.to_string(),
+        g.finish_reason,
+        format!("{:.1}", g.time_to_first_token_ms),
+        format!("{:.1}", g.total_ms),
+    ]
+    .into_datum()
+    .expect("an array is never NULL")
+});
+
 /// Resident memory of this process, from /proc.
 fn resident_bytes() -> i64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -261,7 +360,8 @@ fn resident_bytes() -> i64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-// lorag._worker_status() → text[] (mode, device, models, memory, queue, requests, pid, batches, batched texts)
+// lorag._worker_status() → text[] (mode, device, models, memory, queue, requests, pid, batches,
+// batched texts, decoding steps, decoded streams)
 sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
     let fields: Vec<Option<String>> = if worker::enabled() {
         let Response::Status(s) = worker::call(&Request::Status) else {
@@ -277,6 +377,8 @@ sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
             Some(s.pid.to_string()),
             Some(s.batches.to_string()),
             Some(s.batched_texts.to_string()),
+            Some(s.decode_steps.to_string()),
+            Some(s.decoded_streams.to_string()),
         ]
     } else {
         let (device, models) = ENGINE.with(|e| {
@@ -296,6 +398,8 @@ sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
             Some("0".into()),
             Some(REQUESTS.load(Ordering::Relaxed).to_string()),
             Some(std::process::id().to_string()),
+            None,
+            None,
             None,
             None,
         ]

@@ -91,7 +91,7 @@ def test_chunk_splits_on_tokens_and_sentences(vconn):
 
 def test_worker_status_reports_the_device(vconn):
     emb(vconn, "warm up")
-    mode, device, models, memory, queue, served, pid, _, _ = vconn.execute("SELECT * FROM lorag.worker_status()").fetchone()
+    mode, device, models, memory, queue, served, pid, *_ = vconn.execute("SELECT * FROM lorag.worker_status()").fetchone()
     assert device == "cpu" and "all-MiniLM-L6-v2" in models and memory > 50_000_000 and served >= 1
     backend = vconn.execute("SELECT pg_backend_pid()").fetchone()[0]
     in_backend = vconn.execute("SHOW lorag.use_worker").fetchone()[0] == "off"

@@ -19,7 +19,8 @@ BIG = "SELECT count(*) FROM (SELECT unnest(embed(array_agg(repeat('word ' || i |
 
 
 def status(conn):
-    names = ["mode", "device", "models", "memory", "queue", "served", "pid", "batches", "batched_texts"]
+    names = ["mode", "device", "models", "memory", "queue", "served", "pid", "batches", "batched_texts",
+             "decode_steps", "decoded_streams"]
     return dict(zip(names, conn.execute("SELECT * FROM lorag.worker_status()").fetchone()))
 
 

@@ -1,0 +1,190 @@
+-- Generation and retrieval-augmented generation.
+--
+-- The retrieval half runs here, in the caller's backend and with the caller's privileges: the
+-- source (a table or a view: views are how users filter) is read with ordinary SQL, so row
+-- security and GRANTs apply. Only the model work (embedding the question, generating) goes to
+-- the model worker.
+
+CREATE FUNCTION lorag._generate(prompt text, max_tokens integer, temperature real, adapter text, model text,
+                                system text, context text[], top_p real, seed bigint) RETURNS text[]
+    AS 'MODULE_PATHNAME', 'lorag_generate' LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+-- generate(prompt) → the model's answer, with the chat template of the model's folder.
+-- temperature 0 is greedy; otherwise top-p sampling, repeatable with seed.
+CREATE FUNCTION generate(prompt text, max_tokens integer DEFAULT 256, temperature real DEFAULT 0,
+                         adapter text DEFAULT NULL, model text DEFAULT NULL, system text DEFAULT NULL,
+                         top_p real DEFAULT 0.9, seed bigint DEFAULT 0)
+RETURNS text LANGUAGE sql VOLATILE PARALLEL RESTRICTED AS $$
+    SELECT (lorag._generate(prompt, max_tokens, temperature, adapter, model, system, NULL, top_p, seed))[1]
+$$;
+
+-- The text, vector and key columns of a RAG source: named, or found when there is one of each.
+CREATE FUNCTION lorag._rag_columns(source regclass, text_column name, vector_column name,
+                                   OUT tcol name, OUT vcol name, OUT key_expr text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    texts name[];
+    vectors name[];
+    pk name[];
+BEGIN
+    SELECT array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE t.typname IN ('text', 'varchar', 'bpchar')),
+           array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE t.typname = 'vector')
+      INTO texts, vectors
+      FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+     WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped;
+    IF text_column IS NOT NULL THEN
+        IF NOT text_column = ANY (coalesce(texts, '{}')) THEN
+            RAISE EXCEPTION '% has no text column "%"', source, text_column
+                USING ERRCODE = '42703', HINT = format('Its text columns: %s.', coalesce(array_to_string(texts, ', '), 'none'));
+        END IF;
+        tcol := text_column;
+    ELSIF coalesce(cardinality(texts), 0) = 0 THEN
+        RAISE EXCEPTION '% has no text column to answer from', source
+            USING ERRCODE = '42703', HINT = 'Use a table or view with a text column holding the passages.';
+    ELSIF cardinality(texts) > 1 THEN
+        RAISE EXCEPTION '% has several text columns (%)', source, array_to_string(texts, ', ')
+            USING ERRCODE = '42702', HINT = format('Name the one holding the passages, e.g. text_column => %L.', texts[1]);
+    ELSE
+        tcol := texts[1];
+    END IF;
+    IF vector_column IS NOT NULL THEN
+        IF NOT vector_column = ANY (coalesce(vectors, '{}')) THEN
+            RAISE EXCEPTION '% has no vector column "%"', source, vector_column
+                USING ERRCODE = '42703', HINT = format('Its vector columns: %s.', coalesce(array_to_string(vectors, ', '), 'none'));
+        END IF;
+        vcol := vector_column;
+    ELSIF coalesce(cardinality(vectors), 0) = 0 THEN
+        RAISE EXCEPTION '% has no vector column to search', source
+            USING ERRCODE = '42703', HINT = format('Add one: ALTER TABLE %s ADD COLUMN embedding vector(384); UPDATE %s SET embedding = embed(%I);', source, source, tcol);
+    ELSIF cardinality(vectors) > 1 THEN
+        RAISE EXCEPTION '% has several vector columns (%)', source, array_to_string(vectors, ', ')
+            USING ERRCODE = '42702', HINT = format('Name the one to search, e.g. vector_column => %L.', vectors[1]);
+    ELSE
+        vcol := vectors[1];
+    END IF;
+    -- the key: a one-column primary key, else a column named id, else none
+    SELECT array_agg(a.attname) INTO pk
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = source AND i.indisprimary;
+    IF cardinality(pk) = 1 THEN
+        key_expr := format('%I::text', pk[1]);
+    ELSIF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = source AND attname = 'id' AND attnum > 0 AND NOT attisdropped) THEN
+        key_expr := 'id::text';
+    ELSE
+        key_expr := 'NULL::text';
+    END IF;
+END $$;
+
+CREATE FUNCTION lorag._rag_check(question text, k integer, candidates integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF question IS NULL OR btrim(question) = '' THEN
+        RAISE EXCEPTION 'the question is empty'
+            USING ERRCODE = '22023', HINT = 'Ask something, e.g. rag_answer(''How do I create a partial index?'', ''docs'').';
+    END IF;
+    IF k IS NULL OR k < 1 THEN
+        RAISE EXCEPTION 'k must be at least 1, got %', coalesce(k::text, 'NULL')
+            USING ERRCODE = '22023', HINT = 'k is how many passages go into the prompt; 3 is the default.';
+    END IF;
+    IF candidates IS NULL OR candidates < k THEN
+        RAISE EXCEPTION 'candidates (%) must be at least k (%)', coalesce(candidates::text, 'NULL'), k
+            USING ERRCODE = '22023', HINT = 'candidates is how many rows the vector search returns before the best k are kept.';
+    END IF;
+END $$;
+
+-- The nearest rows of source to the vector q (the hnsw index serves the ORDER BY ... LIMIT).
+CREATE FUNCTION lorag._rag_search(q vector, source regclass, k integer, candidates integer,
+                                  text_column name, vector_column name)
+RETURNS TABLE (rank integer, key text, content text, distance real, rerank_score real)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    c record;
+BEGIN
+    c := lorag._rag_columns(source, text_column, vector_column);
+    RETURN QUERY EXECUTE format(
+        'SELECT (row_number() OVER (ORDER BY d))::integer, key, content, d::real, NULL::real
+           FROM (SELECT %s AS key, %I::text AS content, %I <=> $1 AS d
+                   FROM %s WHERE %I IS NOT NULL AND %I IS NOT NULL
+                  ORDER BY %I <=> $1 LIMIT $2) s
+          ORDER BY d LIMIT $3',
+        c.key_expr, c.tcol, c.vcol, source, c.vcol, c.tcol, c.vcol)
+    USING q, candidates, k;
+END $$;
+
+-- The rows an answer would use: key, text, cosine distance and rerank score (NULL: no
+-- reranker is registered yet, so the k nearest rows are kept).
+CREATE FUNCTION rag_retrieve(question text, source regclass, k integer DEFAULT 3, candidates integer DEFAULT 50,
+                             text_column name DEFAULT NULL, vector_column name DEFAULT NULL,
+                             embedding_model text DEFAULT NULL)
+RETURNS TABLE (rank integer, key text, content text, distance real, rerank_score real)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    PERFORM lorag._rag_check(question, k, candidates);
+    RETURN QUERY SELECT * FROM lorag._rag_search(embed(question, embedding_model), source, k, candidates,
+                                                 text_column, vector_column);
+END $$;
+
+-- The answer, the sources it was given (rank, key, distance, text) and what each stage took.
+CREATE FUNCTION rag_answer_with_sources(question text, source regclass, k integer DEFAULT 3,
+                                        adapter text DEFAULT NULL, candidates integer DEFAULT 50,
+                                        max_tokens integer DEFAULT 256, temperature real DEFAULT 0,
+                                        text_column name DEFAULT NULL, vector_column name DEFAULT NULL,
+                                        model text DEFAULT NULL, embedding_model text DEFAULT NULL,
+                                        system text DEFAULT NULL)
+RETURNS TABLE (answer text, sources jsonb, timings jsonb)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    t0 timestamptz;
+    t1 timestamptz;
+    t2 timestamptz;
+    q vector;
+    found jsonb;
+    passages text[];
+    g text[];
+BEGIN
+    PERFORM lorag._rag_check(question, k, candidates);
+    t0 := clock_timestamp();
+    q := embed(question, embedding_model);
+    t1 := clock_timestamp();
+    SELECT coalesce(jsonb_agg(jsonb_build_object('rank', r.rank, 'key', r.key, 'distance', r.distance,
+                                                 'rerank_score', r.rerank_score, 'content', r.content) ORDER BY r.rank), '[]'),
+           coalesce(array_agg(r.content ORDER BY r.rank), '{}')
+      INTO found, passages
+      FROM lorag._rag_search(q, source, k, candidates, text_column, vector_column) r;
+    t2 := clock_timestamp();
+    IF cardinality(passages) = 0 THEN
+        RAISE NOTICE '% has no rows with both text and a vector: there is nothing to answer from', source;
+        answer := format('I cannot answer: %s has no rows to answer from.', source);
+        sources := found;
+        timings := jsonb_build_object('embed_ms', round(extract(epoch FROM t1 - t0) * 1000, 1),
+                                      'search_ms', round(extract(epoch FROM t2 - t1) * 1000, 1));
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    g := lorag._generate(question, max_tokens, temperature, adapter, model, system, passages, NULL, 0);
+    IF g[4]::integer > 0 THEN
+        RAISE NOTICE 'the retrieved passages were cut by % tokens to fit the model''s context window', g[4]
+            USING HINT = 'Lower k or max_tokens, or store shorter chunks (chunk(text, 256, 32)).';
+    END IF;
+    answer := g[1];
+    sources := found;
+    timings := jsonb_build_object(
+        'embed_ms', round(extract(epoch FROM t1 - t0) * 1000, 1),
+        'search_ms', round(extract(epoch FROM t2 - t1) * 1000, 1),
+        'generate_ms', round(extract(epoch FROM clock_timestamp() - t2) * 1000, 1),
+        'time_to_first_token_ms', g[6]::numeric,
+        'prompt_tokens', g[2]::integer, 'generated_tokens', g[3]::integer, 'finish_reason', g[5]);
+    RETURN NEXT;
+END $$;
+
+-- rag_answer(question, source): embed the question, search source's vector column, put the
+-- best k rows in the prompt, generate.
+CREATE FUNCTION rag_answer(question text, source regclass, k integer DEFAULT 3, adapter text DEFAULT NULL,
+                           candidates integer DEFAULT 50, max_tokens integer DEFAULT 256,
+                           temperature real DEFAULT 0, text_column name DEFAULT NULL,
+                           vector_column name DEFAULT NULL, model text DEFAULT NULL,
+                           embedding_model text DEFAULT NULL, system text DEFAULT NULL)
+RETURNS text LANGUAGE sql VOLATILE AS $$
+    SELECT answer FROM rag_answer_with_sources(question, source, k, adapter, candidates, max_tokens, temperature,
+                                               text_column, vector_column, model, embedding_model, system)
+$$;
