@@ -2,6 +2,7 @@
 \timing off
 \pset footer off
 DROP EXTENSION IF EXISTS lorag CASCADE;
+DROP TABLE IF EXISTS manual_pages;
 CREATE EXTENSION lorag;
 
 \echo '--- a pgvector-compatible vector column'
@@ -58,7 +59,32 @@ FROM notes, (SELECT embed('How do I back up my database?') AS q) query
 ORDER BY embedding <=> q LIMIT 2;
 SELECT idx, chunk FROM chunk('PostgreSQL is a relational database. It supports indexes, views and stored procedures. ' ||
                              'Extensions add new types and index methods. lorag is one of them.', 16, 4);
-SELECT mode, device, loaded_models, pg_size_pretty(memory_bytes) AS memory FROM lorag.worker_status();
+
+\echo '--- text generation in the model worker (SmolLM2-135M-Instruct, candle)'
+\timing on
+SELECT generate('What is the capital of France?') AS answer;
+\timing off
+
+\echo '--- the PostgreSQL 15 manual (SQL command reference, postgresql-doc-15) as a RAG source'
+\echo '    pages read and stripped of HTML in SQL, cut into chunks of 128 tokens, embedded, indexed'
+\timing on
+\ir manual.sql
+\timing off
+
+\echo '--- questions about PostgreSQL, answered from the manual: answer, source pages, time per stage'
+\x on
+SELECT q.question, r.answer,
+       (SELECT string_agg(DISTINCT m.page, ', ') FROM jsonb_array_elements(r.sources) s JOIN manual m ON m.id = (s->>'key')::bigint) AS sources,
+       r.timings
+FROM (VALUES ('How do I create an index that covers only some rows of a table?'),
+             ('How do I remove dead rows and reclaim the space they use?'),
+             ('How do I add a column to an existing table?'),
+             ('How do I copy the rows of a table into a CSV file?')) AS q(question),
+     rag_answer_with_sources(q.question, 'manual', k => 3, max_tokens => 96) AS r;
+\x off
+SELECT mode, device, loaded_models, pg_size_pretty(memory_bytes) AS memory, requests_served,
+       round(batched_texts::numeric / nullif(batches, 0), 1) AS mean_embed_batch
+FROM lorag.worker_status();
 
 \echo '--- bad input is a clean ERROR with an SQLSTATE'
 \set ON_ERROR_STOP 0
@@ -67,4 +93,7 @@ SELECT '[1,2]'::vector <-> '[1,2,3]';
 INSERT INTO items (name, embedding) VALUES ('bad', '[1,2]');
 SELECT '[1,NaN]'::vector;
 SELECT embed('hello', 'no-such-model');
+SELECT rag_answer('', 'manual');
+SELECT rag_answer('How?', 'manual', k => 0);
+SELECT generate('hi', max_tokens => 100000);
 DROP TABLE docs;

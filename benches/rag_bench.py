@@ -1,0 +1,103 @@
+"""rag_answer() on the PostgreSQL manual, stage by stage, and decoding speed of the default
+generator against the memory-bandwidth bound measured in the same run; then 4 concurrent
+generation streams against 1.
+
+    make bench-rag     (or: .venv/bin/python benches/rag_bench.py; loads examples/manual.sql if needed)
+"""
+import concurrent.futures as cf
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = Path(os.environ.get("LORAG_MODEL_DIR", ROOT / "models"))
+DSN = f"host={os.environ.get('PGHOST', '/tmp')} port={os.environ.get('PGPORT', '28815')} user=postgres dbname={os.environ.get('PGDATABASE', 'lorag')}"
+QUESTIONS = [
+    "How do I create an index that covers only some rows of a table?",
+    "How do I remove dead rows and reclaim the space they use?",
+    "How do I add a column to an existing table?",
+    "How do I copy the rows of a table into a CSV file?",
+    "How do I give a user permission to read a table?",
+]
+
+
+def copy_bandwidth():
+    """Bytes per second of a large memory copy (read + write), best of 5."""
+    a = np.ones(256 * 1024 * 1024 // 4, dtype=np.float32)
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def weight_bytes():
+    c = json.loads((MODEL_DIR / "SmolLM2-135M-Instruct" / "config.json").read_text())
+    h, L, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
+    return 4 * (L * (2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h) + h * vocab + h)
+
+
+def decode(c, prompt, n=96):
+    g = c.execute("SELECT lorag._generate(%s, %s, 0, NULL, NULL, NULL, NULL, 0.9, 0)", (prompt, n)).fetchone()[0]
+    tokens, ttft, total = int(g[2]), float(g[5]), float(g[6])
+    return tokens, ttft, total
+
+
+def main():
+    with psycopg.connect(DSN, autocommit=True) as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS lorag")
+        if not c.execute("SELECT to_regclass('manual') IS NOT NULL").fetchone()[0]:
+            print("loading the manual (examples/manual.sql) ...", flush=True)
+            env = dict(os.environ)
+            subprocess.run(["scripts/pg.sh", "psql", "-q", "-f", "examples/manual.sql"], cwd=ROOT, check=True, env=env)
+        chunks = c.execute("SELECT count(*) FROM manual").fetchone()[0]
+        c.execute("SELECT rag_answer('warm up', 'manual', max_tokens => 2)")
+        stages = {k: [] for k in ("embed_ms", "search_ms", "time_to_first_token_ms", "generate_ms")}
+        wall = []
+        for q in QUESTIONS:
+            t = time.perf_counter()
+            _, _, timings = c.execute("SELECT * FROM rag_answer_with_sources(%s, 'manual', k => 3, max_tokens => 64)", (q,)).fetchone()
+            wall.append((time.perf_counter() - t) * 1000)
+            for k in stages:
+                stages[k].append(float(timings[k]))
+        print(f"rag_answer on the manual ({chunks} chunks of 128 tokens), k = 3, max_tokens = 64, median of {len(QUESTIONS)} questions:")
+        for k, v in stages.items():
+            print(f"  {k:24s} {statistics.median(v):8.1f} ms")
+        print(f"  {'whole call':24s} {statistics.median(wall):8.1f} ms")
+
+        bw = copy_bandwidth()
+        wb = weight_bytes()
+        bound = bw / wb
+        prompt = "Write a long story about a dragon who learns to use a database."
+        decode(c, prompt, 4)
+        runs = [decode(c, prompt) for _ in range(3)]
+        rate = statistics.median((n - 1) / ((total - ttft) / 1000) for n, ttft, total in runs if n > 1)
+        print(f"decode, one stream, SmolLM2-135M F32: {rate:6.1f} tokens/s; bandwidth bound {bound:6.1f} tokens/s "
+              f"({wb / 1e6:.0f} MB of weights per token, copy bandwidth {bw / 1e9:.1f} GB/s): {rate / bound:.2f} of the bound")
+
+    def stream(i):
+        with psycopg.connect(DSN, autocommit=True) as c:
+            n, _, _ = decode(c, f"Write a long story about dragon number {i} who learns SQL.")
+            return n
+
+    t = time.perf_counter()
+    one = stream(0) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    with cf.ThreadPoolExecutor(4) as ex:
+        total = sum(ex.map(stream, range(1, 5)))
+    four = total / (time.perf_counter() - t)
+    print(f"generation throughput: 1 stream {one:6.1f} tokens/s, 4 concurrent streams {four:6.1f} tokens/s total: {four / one:.2f}x")
+    print("quantised (GGUF) decoding: not measured, lorag runs the F32 conversion only (see the RAG issue note)")
+
+
+if __name__ == "__main__":
+    main()
