@@ -60,12 +60,12 @@ def main():
             env = dict(os.environ)
             subprocess.run(["scripts/pg.sh", "psql", "-q", "-f", "examples/manual.sql"], cwd=ROOT, check=True, env=env)
         chunks = c.execute("SELECT count(*) FROM manual").fetchone()[0]
-        c.execute("SELECT rag_answer('warm up', 'manual', max_tokens => 2)")
+        c.execute("SELECT rag_answer('warm up', 'manual', max_tokens => 2, text_column => 'content')")
         stages = {k: [] for k in ("embed_ms", "search_ms", "time_to_first_token_ms", "generate_ms")}
         wall = []
         for q in QUESTIONS:
             t = time.perf_counter()
-            _, _, timings = c.execute("SELECT * FROM rag_answer_with_sources(%s, 'manual', k => 3, max_tokens => 64)", (q,)).fetchone()
+            _, _, timings = c.execute("SELECT * FROM rag_answer_with_sources(%s, 'manual', k => 3, max_tokens => 64, text_column => 'content')", (q,)).fetchone()
             wall.append((time.perf_counter() - t) * 1000)
             for k in stages:
                 stages[k].append(float(timings[k]))

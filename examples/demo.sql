@@ -80,7 +80,7 @@ FROM (VALUES ('How do I create an index that covers only some rows of a table?')
              ('How do I remove dead rows and reclaim the space they use?'),
              ('How do I add a column to an existing table?'),
              ('How do I copy the rows of a table into a CSV file?')) AS q(question),
-     rag_answer_with_sources(q.question, 'manual', k => 3, max_tokens => 96) AS r;
+     rag_answer_with_sources(q.question, 'manual', k => 3, max_tokens => 96, text_column => 'content') AS r;
 \x off
 SELECT mode, device, loaded_models, pg_size_pretty(memory_bytes) AS memory, requests_served,
        round(batched_texts::numeric / nullif(batches, 0), 1) AS mean_embed_batch
@@ -93,7 +93,7 @@ SELECT '[1,2]'::vector <-> '[1,2,3]';
 INSERT INTO items (name, embedding) VALUES ('bad', '[1,2]');
 SELECT '[1,NaN]'::vector;
 SELECT embed('hello', 'no-such-model');
-SELECT rag_answer('', 'manual');
-SELECT rag_answer('How?', 'manual', k => 0);
+SELECT rag_answer('', 'manual', text_column => 'content');
+SELECT rag_answer('How?', 'manual', k => 0, text_column => 'content');
 SELECT generate('hi', max_tokens => 100000);
 DROP TABLE docs;
