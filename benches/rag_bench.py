@@ -97,6 +97,28 @@ def main():
     four = total / (time.perf_counter() - t)
     print(f"generation throughput: 1 stream {one:6.1f} tokens/s, 4 concurrent streams {four:6.1f} tokens/s total: {four / one:.2f}x")
     print("quantised (GGUF) decoding: not measured, lorag runs the F32 conversion only (see the RAG issue note)")
+    question_set()
+
+
+def question_set():
+    """The manual question set: is the answering page in the top 3, is the expected fact in the
+    top-3 passages, and is it in the generated answer."""
+    rows = [l.split("\t") for l in (ROOT / "benches" / "data" / "manual_questions.tsv").read_text().splitlines()
+            if l.strip() and not l.startswith("#")]
+    page_hits = fact_hits = answer_hits = 0
+    with psycopg.connect(DSN, autocommit=True) as c:
+        for question, page, fact in rows:
+            answer, sources, _ = c.execute(
+                "SELECT * FROM rag_answer_with_sources(%s, 'manual', k => 3, max_tokens => 64, text_column => 'content')",
+                (question,)).fetchone()
+            keys = [int(s["key"]) for s in sources]
+            pages = [r[0] for r in c.execute("SELECT page FROM manual WHERE id = ANY(%s)", (keys,))]
+            page_hits += page in pages
+            fact_hits += any(fact.lower() in s["content"].lower() for s in sources)
+            answer_hits += fact.lower() in answer.lower()
+    n = len(rows)
+    print(f"manual question set ({n} questions, no reranker yet): answering page in top 3 {page_hits}/{n} = {page_hits / n:.2f}; "
+          f"fact in top-3 passages {fact_hits}/{n} = {fact_hits / n:.2f}; fact in the answer {answer_hits}/{n} = {answer_hits / n:.2f}")
 
 
 if __name__ == "__main__":
