@@ -183,6 +183,10 @@ fn model_process_main(listener: &UnixListener) -> ! {
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         libc::prctl(libc::PR_SET_NAME, c"lorag models".as_ptr());
+        // One malloc arena for all threads: per-thread arenas hold on to freed activations, and
+        // the process's memory grows with the threads that ever computed (measured: 74 MB more
+        // from 1 to 8 connections with two arenas, 27 MB with one, at the same throughput).
+        libc::mallopt(libc::M_ARENA_MAX, 1);
         if libc::getppid() != parent {
             libc::_exit(1);
         }

@@ -81,25 +81,25 @@ impl Embedder {
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let groups = length_groups(&encodings.iter().map(|e| e.get_ids().len()).collect::<Vec<_>>());
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(groups.len());
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<Result<Vec<(usize, Vec<f32>)>, ModelError>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut out = Vec::new();
-                        loop {
-                            let g = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(group) = groups.get(g) else { return Ok(out) };
-                            let batch: Vec<&tokenizers::Encoding> = group.iter().map(|&i| &encodings[i]).collect();
-                            let vectors = self.forward(&batch)?;
-                            out.extend(group.iter().copied().zip(vectors));
-                        }
-                    })
-                })
-                .collect();
-            workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(ModelError::Runtime("embedding thread panicked".into())))).collect()
-        });
+        // rayon's pool: the same few long-lived threads candle's matrix products use, so memory
+        // (one malloc arena per thread) stays bounded however many passes run.
+        use rayon::prelude::*;
+        if let [group] = groups.as_slice() {
+            // one pass: run it here, no hand-over to the pool
+            let batch: Vec<&tokenizers::Encoding> = group.iter().map(|&i| &encodings[i]).collect();
+            let mut vectors = vec![Vec::new(); texts.len()];
+            for (i, v) in group.iter().copied().zip(self.forward(&batch)?) {
+                vectors[i] = v;
+            }
+            return Ok(vectors);
+        }
+        let results: Vec<Result<Vec<(usize, Vec<f32>)>, ModelError>> = groups
+            .par_iter()
+            .map(|group| {
+                let batch: Vec<&tokenizers::Encoding> = group.iter().map(|&i| &encodings[i]).collect();
+                Ok(group.iter().copied().zip(self.forward(&batch)?).collect())
+            })
+            .collect();
         let mut vectors = vec![Vec::new(); texts.len()];
         for r in results {
             for (i, v) in r? {
