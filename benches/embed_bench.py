@@ -68,9 +68,9 @@ def ort_embedder():
     return embed
 
 
-def server_pss():
+def server_pss(by_kind=None):
     """Proportional set size of the postmaster and all its descendants (shared pages split
-    fairly between the processes that map them), in bytes."""
+    fairly between the processes that map them), in bytes; by process title into by_kind."""
     with psycopg.connect(DSN, autocommit=True) as c:
         data_dir = c.execute("SHOW data_directory").fetchone()[0]
     root = int(Path(data_dir, "postmaster.pid").read_text().split()[0])
@@ -91,7 +91,12 @@ def server_pss():
                 rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
             except OSError:
                 continue
-            total += next(int(l.split()[1]) for l in rollup.splitlines() if l.startswith("Pss:")) * 1024
+            pss = next(int(l.split()[1]) for l in rollup.splitlines() if l.startswith("Pss:")) * 1024
+            total += pss
+            if by_kind is not None:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                kind = "model process" if comm.startswith("lorag") else "postgres processes"
+                by_kind[kind] = by_kind.get(kind, 0) + pss
     return total
 
 
@@ -150,7 +155,8 @@ def main():
     one = len(sample) / (time.perf_counter() - t)
     with psycopg.connect(DSN, autocommit=True) as c:
         c.execute("SELECT embed('x')")
-        pss1 = server_pss()  # one connection that has embedded
+        kinds1 = {}
+        pss1 = server_pss(kinds1)  # one connection that has embedded
         _, b1, t1 = status(c)
     hold = threading.Barrier(9)
     t = time.perf_counter()
@@ -158,7 +164,8 @@ def main():
         futures = [ex.submit(run, sample[i::8], hold) for i in range(8)]
         hold.wait()
         eight = len(sample) / (time.perf_counter() - t)
-        pss8 = server_pss()
+        kinds8 = {}
+        pss8 = server_pss(kinds8)
         hold.wait()
         firsts = [f.result() for f in futures]
     with psycopg.connect(DSN, autocommit=True) as c:
@@ -167,7 +174,7 @@ def main():
     print(f"1 connection : {one:6.1f} docs/s; 8 connections: {eight:6.1f} docs/s total, ratio {eight / one:.2f}x "
           f"(mean batch {((t1 - t0_) / max(b1 - b0, 1)):.1f} texts with 1 connection, {((t2 - t1) / max(b2 - b1, 1)):.1f} with 8)")
     print(f"server memory (PSS of all server processes): 1 connection {pss1 / 1e6:.0f} MB, 8 connections {pss8 / 1e6:.0f} MB, "
-          f"growth {(pss8 - pss1) / 1e6:.0f} MB")
+          f"growth {(pss8 - pss1) / 1e6:.0f} MB (" + ", ".join(f"{k} {(kinds8.get(k, 0) - kinds1.get(k, 0)) / 1e6:+.0f} MB" for k in sorted(kinds8)) + ")")
     print(f"first embed() of a new connection: {np.median(firsts) * 1000:.1f} ms (median of 8)")
 
 

@@ -119,11 +119,11 @@ impl Embedder {
         for e in encodings {
             let k = e.get_ids().len();
             ids.extend(e.get_ids().iter().copied());
-            ids.extend(std::iter::repeat(0).take(len - k));
+            ids.extend(std::iter::repeat_n(0, len - k));
             types.extend(e.get_type_ids().iter().copied());
-            types.extend(std::iter::repeat(0).take(len - k));
-            mask.extend(std::iter::repeat(1u32).take(k));
-            mask.extend(std::iter::repeat(0).take(len - k));
+            types.extend(std::iter::repeat_n(0, len - k));
+            mask.extend(std::iter::repeat_n(1u32, k));
+            mask.extend(std::iter::repeat_n(0, len - k));
         }
         let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
         let types = Tensor::from_vec(types, (n, len), &self.device)?;

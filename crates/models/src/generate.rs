@@ -420,9 +420,7 @@ impl Generator {
             }
             s.out.push(next);
             s.pending = vec![next];
-            if s.out.len() >= s.max_tokens {
-                s.finish = Some("length");
-            } else if s.cache.position + 1 >= self.context_window() {
+            if s.out.len() >= s.max_tokens || s.cache.position + 1 >= self.context_window() {
                 s.finish = Some("length");
             }
         }

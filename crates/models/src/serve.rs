@@ -44,6 +44,9 @@ struct Job {
     reply: Reply,
 }
 
+/// An embedding pass: the model, its texts, and how many texts each request gave, as (job, count).
+type Pass = (ModelSpec, Vec<String>, Vec<(u64, usize)>);
+
 /// Streams decoded together in one step, at most.
 const MAX_STREAMS: usize = 16;
 
@@ -152,10 +155,16 @@ impl Shared {
     /// generation requests, the connections closed meanwhile, and the next embedding pass: the
     /// oldest request's model and up to BATCH of its pending texts taken from every request for
     /// that model, oldest first, as (model, texts, [(job, count)]).
-    #[allow(clippy::type_complexity)]
-    fn next_work(&self, busy: bool) -> (Vec<GenJob>, Vec<u64>, Option<(ModelSpec, Vec<String>, Vec<(u64, usize)>)>) {
+    fn next_work(&self, busy: bool) -> (Vec<GenJob>, Vec<u64>, Option<Pass>) {
         let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        while !busy && q.embed.is_empty() && q.generate.is_empty() && q.closed.is_empty() {
+        let idle = |q: &Queue| !busy && q.embed.is_empty() && q.generate.is_empty() && q.closed.is_empty();
+        if idle(&q) {
+            // Nothing to do: hand the freed activations back to the OS, so the process's
+            // memory is the models plus what the current work needs, not its past peak.
+            // Safety: plain libc call, no invariants.
+            unsafe { libc::malloc_trim(0) };
+        }
+        while idle(&q) {
             q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
         }
         let new: Vec<GenJob> = q.generate.drain(..).collect();
