@@ -2,7 +2,7 @@
 \timing off
 \pset footer off
 DROP EXTENSION IF EXISTS lorag CASCADE;
-DROP TABLE IF EXISTS manual_pages;
+DROP TABLE IF EXISTS items, docs, notes, manual_pages, manual;
 CREATE EXTENSION lorag;
 
 \echo '--- a pgvector-compatible vector column'
