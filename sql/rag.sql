@@ -18,6 +18,28 @@ RETURNS text LANGUAGE sql VOLATILE PARALLEL RESTRICTED AS $$
     SELECT (lorag._generate(prompt, max_tokens, temperature, adapter, model, system, NULL, top_p, seed))[1]
 $$;
 
+-- The source's column for a role ('text' or 'vector'): the one named, else the only one.
+CREATE FUNCTION lorag._rag_pick(source regclass, role text, present name[], named name, missing_hint text)
+RETURNS name LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    purpose text := CASE role WHEN 'text' THEN 'holding the passages' ELSE 'to search' END;
+BEGIN
+    IF named IS NOT NULL THEN
+        IF NOT named = ANY (coalesce(present, '{}')) THEN
+            RAISE EXCEPTION '% has no % column "%"', source, role, named
+                USING ERRCODE = '42703', HINT = format('Its %s columns: %s.', role, coalesce(array_to_string(present, ', '), 'none'));
+        END IF;
+        RETURN named;
+    ELSIF coalesce(cardinality(present), 0) = 0 THEN
+        RAISE EXCEPTION '% has no % column %', source, role, CASE role WHEN 'text' THEN 'to answer from' ELSE 'to search' END
+            USING ERRCODE = '42703', HINT = missing_hint;
+    ELSIF cardinality(present) > 1 THEN
+        RAISE EXCEPTION '% has several % columns (%)', source, role, array_to_string(present, ', ')
+            USING ERRCODE = '42702', HINT = format('Name the one %s, e.g. %s_column => %L.', purpose, role, present[1]);
+    END IF;
+    RETURN present[1];
+END $$;
+
 -- The text, vector and key columns of a RAG source: named, or found when there is one of each.
 CREATE FUNCTION lorag._rag_columns(source regclass, text_column name, vector_column name,
                                    OUT tcol name, OUT vcol name, OUT key_expr text)
@@ -32,36 +54,11 @@ BEGIN
       INTO texts, vectors
       FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
      WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped;
-    IF text_column IS NOT NULL THEN
-        IF NOT text_column = ANY (coalesce(texts, '{}')) THEN
-            RAISE EXCEPTION '% has no text column "%"', source, text_column
-                USING ERRCODE = '42703', HINT = format('Its text columns: %s.', coalesce(array_to_string(texts, ', '), 'none'));
-        END IF;
-        tcol := text_column;
-    ELSIF coalesce(cardinality(texts), 0) = 0 THEN
-        RAISE EXCEPTION '% has no text column to answer from', source
-            USING ERRCODE = '42703', HINT = 'Use a table or view with a text column holding the passages.';
-    ELSIF cardinality(texts) > 1 THEN
-        RAISE EXCEPTION '% has several text columns (%)', source, array_to_string(texts, ', ')
-            USING ERRCODE = '42702', HINT = format('Name the one holding the passages, e.g. text_column => %L.', texts[1]);
-    ELSE
-        tcol := texts[1];
-    END IF;
-    IF vector_column IS NOT NULL THEN
-        IF NOT vector_column = ANY (coalesce(vectors, '{}')) THEN
-            RAISE EXCEPTION '% has no vector column "%"', source, vector_column
-                USING ERRCODE = '42703', HINT = format('Its vector columns: %s.', coalesce(array_to_string(vectors, ', '), 'none'));
-        END IF;
-        vcol := vector_column;
-    ELSIF coalesce(cardinality(vectors), 0) = 0 THEN
-        RAISE EXCEPTION '% has no vector column to search', source
-            USING ERRCODE = '42703', HINT = format('Add one: ALTER TABLE %s ADD COLUMN embedding vector(384); UPDATE %s SET embedding = embed(%I);', source, source, tcol);
-    ELSIF cardinality(vectors) > 1 THEN
-        RAISE EXCEPTION '% has several vector columns (%)', source, array_to_string(vectors, ', ')
-            USING ERRCODE = '42702', HINT = format('Name the one to search, e.g. vector_column => %L.', vectors[1]);
-    ELSE
-        vcol := vectors[1];
-    END IF;
+    tcol := lorag._rag_pick(source, 'text', texts, text_column,
+                            'Use a table or view with a text column holding the passages.');
+    vcol := lorag._rag_pick(source, 'vector', vectors, vector_column,
+                            format('Add one: ALTER TABLE %s ADD COLUMN embedding vector(384); UPDATE %s SET embedding = embed(%I);',
+                                   source, source, tcol));
     -- the key: a one-column primary key, else a column named id, else none
     SELECT array_agg(a.attname) INTO pk
       FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
