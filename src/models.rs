@@ -43,7 +43,7 @@ fn report(code: PgSqlErrorCode, message: String, hint: Option<String>) -> ! {
 }
 
 /// Raises a model error with its SQLSTATE and what the user can do.
-fn raise(e: ModelError) -> ! {
+pub(crate) fn raise(e: ModelError) -> ! {
     let (code, hint) = match &e {
         ModelError::Missing { .. } => (
             PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
@@ -58,7 +58,7 @@ fn raise(e: ModelError) -> ! {
         ModelError::Invalid(_) => (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, None),
         ModelError::WorkerDied(_) => (
             PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-            Some("The worker starts a new model process at once; run the statement again.".into()),
+            Some("The worker starts a new model process at once; run the statement again. The server log says why it ended (a crash, or the OOM killer).".into()),
         ),
     };
     report(code, e.to_string(), hint)
@@ -352,14 +352,6 @@ sql_function!(lorag_generate, pg_finfo_lorag_generate, |fcinfo| {
     .expect("an array is never NULL")
 });
 
-/// Resident memory of this process, from /proc.
-fn resident_bytes() -> i64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<i64>().ok()))
-        .map_or(0, |pages| pages * 4096)
-}
-
 // lorag._worker_status() → text[] (mode, device, models, memory, queue, requests, pid, batches,
 // batched texts, decoding steps, decoded streams)
 sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
@@ -394,7 +386,7 @@ sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
             Some(mode.into()),
             Some(device.unwrap_or_else(|| "none yet (no model loaded)".into())),
             Some(models.join(",")),
-            Some(resident_bytes().to_string()),
+            Some(lorag_models::resident_bytes().to_string()),
             Some("0".into()),
             Some(REQUESTS.load(Ordering::Relaxed).to_string()),
             Some(std::process::id().to_string()),

@@ -271,11 +271,7 @@ fn connection() -> UnixStream {
 }
 
 fn died(detail: String) -> ! {
-    raise_transport(
-        pgrx::PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-        ModelError::WorkerDied(detail).to_string(),
-        "The worker starts a new model process at once; run the statement again. The server log says why it ended (a crash, or the OOM killer).",
-    )
+    crate::models::raise(ModelError::WorkerDied(detail))
 }
 
 /// Sends `request` to the model process and waits for its answer, interruptibly.

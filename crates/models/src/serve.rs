@@ -87,13 +87,6 @@ fn send(reply: &Reply, response: &Response) {
     let _ = stream.write_all(&frame);
 }
 
-fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
-        .map_or(0, |pages| pages * 4096)
-}
-
 impl Shared {
     fn status(&self) -> WorkerStatus {
         let (device, models) = self.describe.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -101,7 +94,7 @@ impl Shared {
             pid: std::process::id(),
             device,
             models,
-            memory_bytes: resident_bytes(),
+            memory_bytes: crate::resident_bytes(),
             queue_depth: {
                 let q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
                 (q.embed.len() + q.generate.len()) as u64 + self.streams.load(Ordering::Relaxed)
