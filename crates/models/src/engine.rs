@@ -7,6 +7,7 @@ use crate::device::DeviceChoice;
 use crate::embed::Embedder;
 use crate::generate::{GenerateRequest, Generated, Generator, Stream};
 use crate::ModelError;
+use lorag_lora::Adapter;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,12 +35,17 @@ impl ModelSpec {
 /// the same model are joined, up to this many texts.
 pub const BATCH: usize = 32;
 
+/// Parsed adapters kept per process.
+const ADAPTER_CACHE: usize = 32;
+
 type Key = (PathBuf, Option<String>, String);
 
 #[derive(Default)]
 pub struct Engine {
     embedders: HashMap<Key, Arc<Embedder>>,
     generators: HashMap<Key, Arc<Generator>>,
+    /// Parsed adapters by the sha256 of their weights (and their model's key).
+    adapters: HashMap<(Key, String), Arc<Adapter>>,
     /// Loaded model names, in load order (for the status).
     names: Vec<String>,
     /// The device that really runs, once a model is loaded.
@@ -90,6 +96,23 @@ impl Engine {
         Ok(g)
     }
 
+    /// `req`'s adapter, parsed for its model on first use. A retrained adapter has other
+    /// weights, so another checksum: it is parsed anew, never served stale.
+    pub fn adapter(&mut self, req: &GenerateRequest, generator: &Generator) -> Result<Option<Arc<Adapter>>, ModelError> {
+        let Some(payload) = &req.adapter else { return Ok(None) };
+        let key = (req.model.key(), payload.sha256.clone());
+        if let Some(a) = self.adapters.get(&key) {
+            return Ok(Some(a.clone()));
+        }
+        let adapter = Arc::new(crate::lora::parse_adapter(payload, generator)?);
+        // A few adapters stay parsed; beyond that the cache starts over (a parse is milliseconds).
+        if self.adapters.len() >= ADAPTER_CACHE {
+            self.adapters.clear();
+        }
+        self.adapters.insert(key, adapter.clone());
+        Ok(Some(adapter))
+    }
+
     pub fn loaded_models(&self) -> &[String] {
         &self.names
     }
@@ -114,6 +137,11 @@ pub trait Compute {
     fn finished(&mut self, spec: &ModelSpec, stream: &Self::Stream) -> Option<Result<Generated, ModelError>>;
     /// Device, loaded models.
     fn describe(&self) -> (Option<String>, Vec<String>);
+    /// The language model of `spec`, for a training or perplexity job that runs beside the
+    /// scheduler.
+    fn language_model(&mut self, spec: &ModelSpec) -> Result<Arc<Generator>, ModelError> {
+        Err(ModelError::Invalid(format!("model \"{}\" cannot run jobs here", spec.name)))
+    }
 }
 
 impl Compute for Engine {
@@ -124,7 +152,9 @@ impl Compute for Engine {
     }
 
     fn start(&mut self, req: &GenerateRequest) -> Result<Stream, ModelError> {
-        self.generator(&req.model)?.start(req)
+        let g = self.generator(&req.model)?;
+        let adapter = self.adapter(req, &g)?;
+        g.start(req, adapter)
     }
 
     fn step(&mut self, spec: &ModelSpec, streams: &mut [&mut Stream]) -> Result<(), ModelError> {
@@ -140,5 +170,9 @@ impl Compute for Engine {
 
     fn describe(&self) -> (Option<String>, Vec<String>) {
         (self.device.clone(), self.names.clone())
+    }
+
+    fn language_model(&mut self, spec: &ModelSpec) -> Result<Arc<Generator>, ModelError> {
+        self.generator(spec)
     }
 }

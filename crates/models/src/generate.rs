@@ -12,6 +12,9 @@
 //! question.
 
 use crate::engine::ModelSpec;
+use crate::lora::AdapterPayload;
+use lorag_lora::Adapter;
+use std::sync::Arc;
 use crate::ModelError;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
@@ -45,22 +48,56 @@ fn default_rope_theta() -> f64 {
     10_000.0
 }
 
+/// The linear maps of a layer, in the order of [`lorag_lora::MODULES`] (q, k, v, o, gate, up, down).
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    lin: [Linear; 7],
     ln1: RmsNorm,
     ln2: RmsNorm,
+    ln1_w: Tensor,
+    ln2_w: Tensor,
 }
+
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+impl Config {
+    /// (inputs, outputs) of module `m` of [`lorag_lora::MODULES`].
+    pub fn module_dims(&self, m: usize) -> (usize, usize) {
+        let h = self.hidden_size;
+        let head_dim = h / self.num_attention_heads;
+        let kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads) * head_dim;
+        match m {
+            Q => (h, self.num_attention_heads * head_dim),
+            K | V => (h, kv),
+            O => (self.num_attention_heads * head_dim, h),
+            GATE | UP => (h, self.intermediate_size),
+            _ => (self.intermediate_size, h),
+        }
+    }
+
+    /// Parameters of the model (embedding, layers, final norm, output head unless tied).
+    pub fn parameters(&self) -> usize {
+        let h = self.hidden_size;
+        let layer: usize = (0..7).map(|m| { let (i, o) = self.module_dims(m); i * o }).sum::<usize>() + 2 * h;
+        let qkv_bias = if self.model_type.as_deref() == Some("qwen2") { self.module_dims(Q).1 + 2 * self.module_dims(K).1 } else { 0 };
+        let head = if self.tie_word_embeddings { 0 } else { h * self.vocab_size };
+        self.vocab_size * h + self.num_hidden_layers * (layer + qkv_bias) + h + head
+    }
+}
+
+/// A stream's rows within a batch: (first row, rows, its adapter).
+type Segment<'a> = (usize, usize, Option<&'a Adapter>);
 
 pub struct Llama {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
+    norm_w: Tensor,
     lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
@@ -91,16 +128,22 @@ impl Llama {
             let vb = vb.pp(format!("model.layers.{i}"));
             let att = vb.pp("self_attn");
             let mlp = vb.pp("mlp");
+            let ln1 = candle_nn::rms_norm(h, config.rms_norm_eps, vb.pp("input_layernorm"))?;
+            let ln2 = candle_nn::rms_norm(h, config.rms_norm_eps, vb.pp("post_attention_layernorm"))?;
             layers.push(Layer {
-                q: candle_nn::linear_b(h, heads * head_dim, qkv_bias, att.pp("q_proj"))?,
-                k: candle_nn::linear_b(h, kv_heads * head_dim, qkv_bias, att.pp("k_proj"))?,
-                v: candle_nn::linear_b(h, kv_heads * head_dim, qkv_bias, att.pp("v_proj"))?,
-                o: candle_nn::linear_no_bias(heads * head_dim, h, att.pp("o_proj"))?,
-                gate: candle_nn::linear_no_bias(h, config.intermediate_size, mlp.pp("gate_proj"))?,
-                up: candle_nn::linear_no_bias(h, config.intermediate_size, mlp.pp("up_proj"))?,
-                down: candle_nn::linear_no_bias(config.intermediate_size, h, mlp.pp("down_proj"))?,
-                ln1: candle_nn::rms_norm(h, config.rms_norm_eps, vb.pp("input_layernorm"))?,
-                ln2: candle_nn::rms_norm(h, config.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+                lin: [
+                    candle_nn::linear_b(h, heads * head_dim, qkv_bias, att.pp("q_proj"))?,
+                    candle_nn::linear_b(h, kv_heads * head_dim, qkv_bias, att.pp("k_proj"))?,
+                    candle_nn::linear_b(h, kv_heads * head_dim, qkv_bias, att.pp("v_proj"))?,
+                    candle_nn::linear_no_bias(heads * head_dim, h, att.pp("o_proj"))?,
+                    candle_nn::linear_no_bias(h, config.intermediate_size, mlp.pp("gate_proj"))?,
+                    candle_nn::linear_no_bias(h, config.intermediate_size, mlp.pp("up_proj"))?,
+                    candle_nn::linear_no_bias(config.intermediate_size, h, mlp.pp("down_proj"))?,
+                ],
+                ln1_w: ln1.clone().into_inner().weight().clone(),
+                ln2_w: ln2.clone().into_inner().weight().clone(),
+                ln1,
+                ln2,
             });
         }
         let norm = candle_nn::rms_norm(h, config.rms_norm_eps, vb.pp("model.norm"))?;
@@ -115,22 +158,55 @@ impl Llama {
         let inv = Tensor::new(inv, device)?.unsqueeze(0)?;
         let t = Tensor::arange(0u32, config.max_position_embeddings as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
         let freqs = t.broadcast_mul(&inv)?;
-        Ok(Llama { embed, layers, norm, lm_head, cos: freqs.cos()?, sin: freqs.sin()?, heads, kv_heads, head_dim, config })
+        Ok(Llama { embed, layers, norm_w: norm.clone().into_inner().weight().clone(), norm, lm_head, cos: freqs.cos()?, sin: freqs.sin()?, heads, kv_heads, head_dim, config })
     }
 
-    /// Runs the new `tokens` of each stream (after what its cache holds) and returns the
-    /// next-token logits of each stream, (streams, vocab).
-    pub fn forward(&self, batch: &mut [(&[u32], &mut KvCache)]) -> candle_core::Result<Tensor> {
+    /// Module `m` of layer `li` on `x` (rows × in): the frozen map for all rows, plus each
+    /// segment's adapter term on its own rows. Differentiable in the adapters' weights (and in
+    /// `x`), never in the frozen weights.
+    fn project(&self, li: usize, m: usize, x: &Tensor, segments: &[Segment]) -> candle_core::Result<Tensor> {
+        let lin = &self.layers[li].lin[m];
+        let mut y = lorag_lora::frozen::frozen_matmul(x, lin.weight())?;
+        if let Some(b) = lin.bias() {
+            y = y.broadcast_add(b)?;
+        }
+        if !segments.iter().any(|(_, _, a)| a.is_some_and(|a| a.adapts(li, m))) {
+            return Ok(y);
+        }
+        let out = y.dim(1)?;
+        let mut parts = Vec::with_capacity(segments.len());
+        for &(first, rows, adapter) in segments {
+            let delta = match adapter {
+                Some(a) => a.delta(li, m, &x.narrow(0, first, rows)?)?,
+                None => None,
+            };
+            parts.push(match delta {
+                Some(d) => d,
+                None => Tensor::zeros((rows, out), y.dtype(), y.device())?,
+            });
+        }
+        y + Tensor::cat(&parts, 0)?
+    }
+
+    /// Runs the new `tokens` of each stream (after what its cache holds), each with its own
+    /// adapter (or none), and returns the next-token logits of each stream, (streams, vocab).
+    pub fn forward(&self, batch: &mut [(&[u32], &mut KvCache, Option<&Adapter>)]) -> candle_core::Result<Tensor> {
         let device = self.cos.device();
-        let all: Vec<u32> = batch.iter().flat_map(|(t, _)| t.iter().copied()).collect();
+        let all: Vec<u32> = batch.iter().flat_map(|(t, _, _)| t.iter().copied()).collect();
+        let mut segments: Vec<Segment> = Vec::with_capacity(batch.len());
+        let mut first = 0;
+        for (t, _, a) in batch.iter() {
+            segments.push((first, t.len(), *a));
+            first += t.len();
+        }
         let mut x = self.embed.forward(&Tensor::new(all.as_slice(), device)?)?; // (T, hidden)
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.ln1.forward(&x)?;
-            let (q, k, v) = (layer.q.forward(&h)?, layer.k.forward(&h)?, layer.v.forward(&h)?);
+            let (q, k, v) = (self.project(li, Q, &h, &segments)?, self.project(li, K, &h, &segments)?, self.project(li, V, &h, &segments)?);
             let mut outs = Vec::with_capacity(batch.len());
             let mut offset = 0;
-            for (tokens, cache) in batch.iter_mut() {
+            for (tokens, cache, _) in batch.iter_mut() {
                 let n = tokens.len();
                 let pos = cache.position;
                 let split = |t: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
@@ -153,11 +229,7 @@ impl Llama {
                 let vr = candle_transformers::utils::repeat_kv(vc, rep)?.contiguous()?;
                 let mut att = (qi.matmul(&kr.t()?)? * scale)?; // (1, heads, n, pos + n)
                 if n > 1 {
-                    let total = pos + n;
-                    let mask: Vec<f32> = (0..n)
-                        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
-                        .collect();
-                    att = att.broadcast_add(&Tensor::from_vec(mask, (n, total), device)?)?;
+                    att = att.broadcast_add(&causal_mask(n, pos, device)?)?;
                 }
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
                 let o = att.matmul(&vr)?.squeeze(0)?.transpose(0, 1)?.reshape((n, self.heads * self.head_dim))?;
@@ -165,14 +237,14 @@ impl Llama {
                 offset += n;
             }
             let o = Tensor::cat(&outs, 0)?;
-            x = (x + layer.o.forward(&o)?)?;
+            x = (x + self.project(li, O, &o, &segments)?)?;
             let h = layer.ln2.forward(&x)?;
-            let m = layer.down.forward(&(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?)?;
-            x = (x + m)?;
+            let act = (candle_nn::ops::silu(&self.project(li, GATE, &h, &segments)?)? * self.project(li, UP, &h, &segments)?)?;
+            x = (x + self.project(li, DOWN, &act, &segments)?)?;
         }
         let mut last = Vec::with_capacity(batch.len());
         let mut end = 0u32;
-        for (tokens, cache) in batch.iter_mut() {
+        for (tokens, cache, _) in batch.iter_mut() {
             end += tokens.len() as u32;
             last.push(end - 1);
             cache.position += tokens.len();
@@ -180,6 +252,49 @@ impl Llama {
         let x = x.index_select(&Tensor::new(last.as_slice(), device)?, 0)?;
         self.lm_head.forward(&self.norm.forward(&x)?)
     }
+
+    /// Logits of every position of token blocks (blocks, positions) → (blocks, positions, vocab),
+    /// with `adapter`'s terms. Built from differentiable operations only (candle's fused rope,
+    /// softmax and RMS norm have no gradient), so it serves training and perplexity alike.
+    pub fn block_logits(&self, tokens: &Tensor, adapter: Option<&Adapter>) -> candle_core::Result<Tensor> {
+        let (b, l) = tokens.dims2()?;
+        let device = tokens.device();
+        let rows = b * l;
+        let segments: [Segment; 1] = [(0, rows, adapter)];
+        let eps = self.config.rms_norm_eps as f32;
+        let mut x = self.embed.forward(&tokens.flatten_all()?)?; // (rows, hidden)
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let (cos, sin) = (self.cos.narrow(0, 0, l)?, self.sin.narrow(0, 0, l)?);
+        let mask = causal_mask(l, 0, device)?;
+        let split = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, l, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let rep = self.heads / self.kv_heads;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm_slow(&x, &layer.ln1_w, eps)?;
+            let q = candle_nn::rotary_emb::rope_slow(&split(self.project(li, Q, &h, &segments)?, self.heads)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_slow(&split(self.project(li, K, &h, &segments)?, self.kv_heads)?, &cos, &sin)?;
+            let v = split(self.project(li, V, &h, &segments)?, self.kv_heads)?;
+            let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+            let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?; // (b, heads, l, l)
+            let att = candle_nn::ops::softmax(&att, candle_core::D::Minus1)?;
+            let o = att.matmul(&v)?.transpose(1, 2)?.reshape((rows, self.heads * self.head_dim))?;
+            x = (x + self.project(li, O, &o, &segments)?)?;
+            let h = candle_nn::ops::rms_norm_slow(&x, &layer.ln2_w, eps)?;
+            let act = (self.project(li, GATE, &h, &segments)?.silu()? * self.project(li, UP, &h, &segments)?)?;
+            x = (x + self.project(li, DOWN, &act, &segments)?)?;
+        }
+        let x = candle_nn::ops::rms_norm_slow(&x, &self.norm_w, eps)?;
+        lorag_lora::frozen::frozen_matmul(&x, self.lm_head.weight())?.reshape((b, l, self.config.vocab_size))
+    }
+}
+
+/// The additive causal mask of `n` new positions after `past` cached ones: (n, past + n).
+fn causal_mask(n: usize, past: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let total = past + n;
+    let mask: Vec<f32> = (0..n).flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(mask, (n, total), device)
 }
 
 /// What a caller asks for.
@@ -194,6 +309,8 @@ pub struct GenerateRequest {
     pub temperature: f64,
     pub top_p: f64,
     pub seed: u64,
+    /// A LoRA adapter to add to the model for this request.
+    pub adapter: Option<AdapterPayload>,
 }
 
 /// What comes back.
@@ -215,12 +332,15 @@ pub struct Generator {
     tokenizer: Tokenizer,
     template: Option<String>,
     stop: Vec<u32>,
+    /// The token that ends a document (rows are packed with it when training).
+    pub end_token: u32,
 }
 
 /// One request being decoded.
 pub struct Stream {
     pending: Vec<u32>,
     cache: KvCache,
+    adapter: Option<Arc<Adapter>>,
     sampler: LogitsProcessor,
     out: Vec<u32>,
     max_tokens: usize,
@@ -285,12 +405,21 @@ impl Generator {
                 }
             }
         }
+        let end_token = ["<|endoftext|>", "</s>", "<|end_of_text|>"]
+            .iter()
+            .find_map(|t| tokenizer.token_to_id(t))
+            .or_else(|| stop.first().copied())
+            .unwrap_or(0);
         let weights = dir.join("model.safetensors");
         let bytes = std::fs::read(&weights).map_err(|e| ModelError::io(&weights, e))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| ModelError::corrupt(&weights, e))?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let model = Llama::load(vb, config).map_err(|e| ModelError::corrupt(&weights, e))?;
-        Ok(Generator { model, tokenizer, template, stop })
+        Ok(Generator { model, tokenizer, template, stop, end_token })
+    }
+
+    pub fn device(&self) -> Device {
+        self.model.cos.device().clone()
     }
 
     pub fn context_window(&self) -> usize {
@@ -323,12 +452,13 @@ impl Generator {
         }
     }
 
-    fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         Ok(self.tokenizer.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?.get_ids().to_vec())
     }
 
-    /// Tokenises the prompt (cutting context to fit) and sets up sampling.
-    pub fn start(&self, req: &GenerateRequest) -> Result<Stream, ModelError> {
+    /// Tokenises the prompt (cutting context to fit) and sets up sampling, with `adapter` (the
+    /// parsed form of `req.adapter`) added to the model for this stream.
+    pub fn start(&self, req: &GenerateRequest, adapter: Option<Arc<Adapter>>) -> Result<Stream, ModelError> {
         let started = Instant::now();
         let window = self.context_window();
         if req.max_tokens == 0 || req.max_tokens >= window {
@@ -386,6 +516,7 @@ impl Generator {
             prompt_tokens: ids.len(),
             pending: ids,
             cache: KvCache::default(),
+            adapter,
             sampler: LogitsProcessor::from_sampling(req.seed, sampling),
             out: Vec::new(),
             max_tokens: req.max_tokens,
@@ -404,8 +535,8 @@ impl Generator {
         }
         let pending: Vec<Vec<u32>> = live.iter_mut().map(|s| std::mem::take(&mut s.pending)).collect();
         let logits = {
-            let mut batch: Vec<(&[u32], &mut KvCache)> =
-                pending.iter().zip(live.iter_mut()).map(|(p, s)| (p.as_slice(), &mut s.cache)).collect();
+            let mut batch: Vec<(&[u32], &mut KvCache, Option<&Adapter>)> =
+                pending.iter().zip(live.iter_mut()).map(|(p, s)| (p.as_slice(), &mut s.cache, s.adapter.as_deref())).collect();
             self.model.forward(&mut batch)?
         };
         for (i, s) in live.iter_mut().enumerate() {
@@ -440,8 +571,8 @@ impl Generator {
     }
 
     /// Generates to the end, checking `keep_going` between steps (in-backend use).
-    pub fn generate(&self, req: &GenerateRequest, mut keep_going: impl FnMut()) -> Result<Generated, ModelError> {
-        let mut s = self.start(req)?;
+    pub fn generate(&self, req: &GenerateRequest, adapter: Option<Arc<Adapter>>, mut keep_going: impl FnMut()) -> Result<Generated, ModelError> {
+        let mut s = self.start(req, adapter)?;
         while !s.is_finished() {
             keep_going();
             self.step(&mut [&mut s])?;
@@ -484,19 +615,20 @@ mod tests {
             temperature: 0.0,
             top_p: 1.0,
             seed: 1,
+            adapter: None,
         }
     }
 
     #[test]
     fn smollm2_answers_and_batched_decoding_equals_one_at_a_time() {
         let Some(g) = smollm2() else { return };
-        let alone = g.generate(&request("What is the capital of France?", 20), || {}).unwrap();
+        let alone = g.generate(&request("What is the capital of France?", 20), None, || {}).unwrap();
         assert_eq!(alone.text, "The capital of France is Paris.");
         assert_eq!(alone.finish_reason, "stop");
-        let other = g.generate(&request("Name a primary colour.", 12), || {}).unwrap();
+        let other = g.generate(&request("Name a primary colour.", 12), None, || {}).unwrap();
         // the two together, started at different times, give the same tokens
-        let mut a = g.start(&request("What is the capital of France?", 20)).unwrap();
-        let mut b = g.start(&request("Name a primary colour.", 12)).unwrap();
+        let mut a = g.start(&request("What is the capital of France?", 20), None).unwrap();
+        let mut b = g.start(&request("Name a primary colour.", 12), None).unwrap();
         g.step(&mut [&mut a]).unwrap();
         g.step(&mut [&mut a]).unwrap();
         while !(a.is_finished() && b.is_finished()) {
@@ -505,12 +637,12 @@ mod tests {
         assert_eq!(g.result(&a).unwrap().text, alone.text);
         assert_eq!(g.result(&b).unwrap().text, other.text);
         // max_tokens ends a stream; sampling with a seed repeats
-        let short = g.generate(&request("Write a long story about a dragon.", 3), || {}).unwrap();
+        let short = g.generate(&request("Write a long story about a dragon.", 3), None, || {}).unwrap();
         assert_eq!((short.generated_tokens, short.finish_reason.as_str()), (3, "length"));
         let mut warm = request("Write a poem about the sea.", 8);
         warm.temperature = 0.9;
         warm.top_p = 0.9;
-        assert_eq!(g.generate(&warm, || {}).unwrap().text, g.generate(&warm, || {}).unwrap().text);
+        assert_eq!(g.generate(&warm, None, || {}).unwrap().text, g.generate(&warm, None, || {}).unwrap().text);
     }
 
     #[test]
@@ -519,12 +651,12 @@ mod tests {
         let window = g.context_window();
         let mut req = request("What colour is the sky?", window / 2);
         req.context = vec!["The sky is blue.".into(), "word ".repeat(window), "The grass is green.".into()];
-        let s = g.start(&req).unwrap();
+        let s = g.start(&req, None).unwrap();
         assert!(s.prompt_tokens <= window - req.max_tokens);
         assert!(s.context_tokens_cut > window / 2, "cut {}", s.context_tokens_cut);
         let mut huge = request(&"why ".repeat(window), 10);
         huge.context = vec!["The sky is blue.".into()];
-        assert!(matches!(g.start(&huge), Err(ModelError::Invalid(m)) if m.contains("does not fit")));
-        assert!(g.start(&request("hi", 0)).is_err());
+        assert!(matches!(g.start(&huge, None), Err(ModelError::Invalid(m)) if m.contains("does not fit")));
+        assert!(g.start(&request("hi", 0), None).is_err());
     }
 }

@@ -12,11 +12,12 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod lora;
 pub mod protocol;
 pub mod serve;
 
 pub use error::ModelError;
-pub use {candle_core, tokenizers};
+pub use {candle_core, lorag_lora, tokenizers};
 
 use sha2::{Digest, Sha256};
 use std::io::Read;

@@ -4,6 +4,8 @@
 
 use crate::engine::ModelSpec;
 use crate::generate::{GenerateRequest, Generated};
+use crate::lora::{JobRequest, JobResponse, JobSpec, TrainingStatus};
+use lorag_lora::train::Progress;
 use crate::ModelError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,12 @@ pub enum Request {
     Generate(GenerateRequest),
     /// Answered at once with [`Response::Status`], never queued behind computation.
     Status,
+    /// Opens a training or perplexity job on this connection (answered with
+    /// [`JobResponse::Opened`]); the rows follow as [`Request::Job`]s.
+    JobOpen(JobSpec),
+    /// The next step of the open job. A training feed answers with [`Response::Progress`]
+    /// after every optimiser step, then with its [`Response::Job`].
+    Job(JobRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +37,9 @@ pub enum Response {
     Generated(Generated),
     Status(WorkerStatus),
     Error(ModelError),
+    Job(JobResponse),
+    /// Sent during a job's request, before its answer.
+    Progress(Progress),
 }
 
 /// What `lorag.worker_status()` shows of the model process.
@@ -47,6 +58,8 @@ pub struct WorkerStatus {
     /// Decoding steps run, and streams in them (their ratio is the mean decoding batch).
     pub decode_steps: u64,
     pub decoded_streams: u64,
+    /// Adapters being trained now.
+    pub trainings: Vec<TrainingStatus>,
 }
 
 /// `msg` as one frame.

@@ -20,9 +20,13 @@
 //! receiving its result (at most one pass or step is wasted).
 
 use crate::engine::{Compute, ModelSpec, BATCH};
-use crate::generate::GenerateRequest;
+use crate::generate::{GenerateRequest, Generator};
+use crate::lora::{Job as RowJob, JobRequest, JobResponse, JobSpec, TrainingStatus};
 use crate::protocol::{decode, encode, read_frame, Request, Response, WorkerStatus};
-use std::collections::VecDeque;
+use lorag_lora::train::Progress;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc;
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +51,18 @@ struct Job {
 /// An embedding pass: the model, its texts, and how many texts each request gave, as (job, count).
 type Pass = (ModelSpec, Vec<String>, Vec<(u64, usize)>);
 
+/// What the scheduler takes each turn: new generations, connections closed, models wanted by
+/// jobs, and the next embedding pass.
+type Work = (Vec<GenJob>, Vec<u64>, Vec<(ModelSpec, Loaded)>, Option<Pass>);
+
+/// Whether the backend at the other end of `fd` hung up (it sends nothing while a job runs).
+fn peer_closed(fd: RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+    // Safety: one pollfd on the stack, zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
+}
+
 /// Streams decoded together in one step, at most.
 const MAX_STREAMS: usize = 16;
 
@@ -62,7 +78,11 @@ struct Queue {
     generate: VecDeque<GenJob>,
     /// Connections closed since the scheduler last looked: their streams are dropped.
     closed: Vec<u64>,
+    /// Language models wanted by jobs on connection threads.
+    loads: Vec<(ModelSpec, Loaded)>,
 }
+
+type Loaded = mpsc::Sender<Result<Arc<Generator>, crate::ModelError>>;
 
 #[derive(Default)]
 struct Shared {
@@ -78,6 +98,8 @@ struct Shared {
     batched_texts: AtomicU64,
     /// Device and loaded models, as the scheduler last saw them.
     describe: Mutex<(Option<String>, Vec<String>)>,
+    /// Training jobs by connection, for the progress view.
+    trainings: Mutex<HashMap<u64, TrainingStatus>>,
 }
 
 fn send(reply: &Reply, response: &Response) {
@@ -104,7 +126,36 @@ impl Shared {
             batched_texts: self.batched_texts.load(Ordering::Relaxed),
             decode_steps: self.decode_steps.load(Ordering::Relaxed),
             decoded_streams: self.decoded_streams.load(Ordering::Relaxed),
+            trainings: self.trainings.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect(),
         }
+    }
+
+    /// Opens a job: its model comes from the scheduler (which owns the loaded models), the job
+    /// itself then runs on the connection's thread.
+    fn open_job(&self, conn: u64, spec: JobSpec) -> Result<(RowJob, JobResponse), crate::ModelError> {
+        let (tx, rx) = mpsc::channel();
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).loads.push((spec.model().clone(), tx));
+        self.ready.notify_one();
+        let generator = rx.recv().map_err(|_| crate::ModelError::Runtime("the scheduler stopped".into()))??;
+        let (job, opened) = guarded(|| RowJob::open(spec, generator))?;
+        if let Some(status) = &job.status {
+            self.trainings.lock().unwrap_or_else(|p| p.into_inner()).insert(conn, status.clone());
+        }
+        Ok((job, opened))
+    }
+
+    /// Runs one step of a connection's job, reporting training progress as it goes; the job
+    /// stops when the backend hangs up (query cancel).
+    fn run_job(&self, conn: u64, job: &mut RowJob, request: JobRequest, reply: &Reply, fd: RawFd) -> Result<JobResponse, crate::ModelError> {
+        guarded(|| {
+            job.handle(request, &mut |p: &Progress| {
+                if let Some(s) = self.trainings.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&conn) {
+                    s.progress = p.clone();
+                }
+                send(reply, &Response::Progress(p.clone()));
+                !peer_closed(fd)
+            })
+        })
     }
 
     /// Reads one connection's requests until it closes, then drops what it left queued.
@@ -116,9 +167,36 @@ impl Shared {
             }
             Err(_) => return,
         };
+        let mut job: Option<RowJob> = None;
+        let fd = stream.as_raw_fd();
         while let Ok(Some(body)) = read_frame(&mut stream) {
             match decode::<Request>(&body) {
                 Ok(Request::Status) => send(&reply, &Response::Status(self.status())),
+                Ok(Request::JobOpen(spec)) => {
+                    job = None;
+                    self.trainings.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn);
+                    match self.open_job(conn, spec) {
+                        Ok((j, opened)) => {
+                            job = Some(j);
+                            send(&reply, &Response::Job(opened));
+                        }
+                        Err(e) => send(&reply, &Response::Error(e)),
+                    }
+                }
+                Ok(Request::Job(request)) => {
+                    let Some(j) = job.as_mut() else {
+                        send(&reply, &Response::Error(crate::ModelError::Invalid("no job is open on this connection".into())));
+                        continue;
+                    };
+                    let last = matches!(request, JobRequest::Finish);
+                    let result = self.run_job(conn, j, request, &reply, fd);
+                    if last || result.is_err() {
+                        job = None;
+                        self.trainings.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn);
+                    }
+                    self.served.fetch_add(1, Ordering::Relaxed);
+                    send(&reply, &result.map_or_else(Response::Error, Response::Job));
+                }
                 Ok(Request::Embed { texts, .. }) if texts.is_empty() => {
                     self.served.fetch_add(1, Ordering::Relaxed);
                     send(&reply, &Response::Embeddings(Vec::new()));
@@ -137,6 +215,7 @@ impl Shared {
                 Err(e) => send(&reply, &Response::Error(e)),
             }
         }
+        self.trainings.lock().unwrap_or_else(|p| p.into_inner()).remove(&conn);
         let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         q.embed.retain(|j| j.conn != conn);
         q.generate.retain(|j| j.conn != conn);
@@ -148,9 +227,9 @@ impl Shared {
     /// generation requests, the connections closed meanwhile, and the next embedding pass: the
     /// oldest request's model and up to BATCH of its pending texts taken from every request for
     /// that model, oldest first, as (model, texts, [(job, count)]).
-    fn next_work(&self, busy: bool) -> (Vec<GenJob>, Vec<u64>, Option<Pass>) {
+    fn next_work(&self, busy: bool) -> Work {
         let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = |q: &Queue| !busy && q.embed.is_empty() && q.generate.is_empty() && q.closed.is_empty();
+        let idle = |q: &Queue| !busy && q.embed.is_empty() && q.generate.is_empty() && q.closed.is_empty() && q.loads.is_empty();
         if idle(&q) {
             // Nothing to do: hand the freed activations back to the OS, so the process's
             // memory is the models plus what the current work needs, not its past peak.
@@ -162,7 +241,8 @@ impl Shared {
         }
         let new: Vec<GenJob> = q.generate.drain(..).collect();
         let closed = std::mem::take(&mut q.closed);
-        let Some(first) = q.embed.front() else { return (new, closed, None) };
+        let loads = std::mem::take(&mut q.loads);
+        let Some(first) = q.embed.front() else { return (new, closed, loads, None) };
         let spec = first.spec.clone();
         let mut texts = Vec::with_capacity(BATCH);
         let mut parts = Vec::new();
@@ -175,7 +255,7 @@ impl Shared {
                 break;
             }
         }
-        (new, closed, Some((spec, texts, parts)))
+        (new, closed, loads, Some((spec, texts, parts)))
     }
 
     /// Hands a pass's results to its requests and answers the ones now complete.
@@ -237,8 +317,11 @@ pub fn serve<C: Compute>(listener: UnixListener, mut compute: C) -> ! {
         .expect("spawning the accept thread");
     let mut live: Vec<Live<C::Stream>> = Vec::new();
     loop {
-        let (new, closed, pass) = shared.next_work(!live.is_empty());
+        let (new, closed, loads, pass) = shared.next_work(!live.is_empty());
         live.retain(|l| !closed.contains(&l.conn));
+        for (spec, loaded) in loads {
+            let _ = loaded.send(guarded(|| compute.language_model(&spec)));
+        }
         for job in new {
             match guarded(|| compute.start(&job.request)) {
                 Ok(stream) => live.push(Live { conn: job.conn, spec: job.request.model, reply: job.reply, stream }),
