@@ -40,6 +40,14 @@ BEGIN
     RETURN present[1];
 END $$;
 
+-- The source's columns whose type is one of typnames, in column order (NULL when none).
+CREATE FUNCTION lorag._typed_columns(source regclass, typnames text[]) RETURNS name[]
+LANGUAGE sql STABLE AS $$
+    SELECT array_agg(a.attname ORDER BY a.attnum)
+      FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+     WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped AND t.typname = ANY (typnames)
+$$;
+
 -- The text, vector and key columns of a RAG source: named, or found when there is one of each.
 CREATE FUNCTION lorag._rag_columns(source regclass, text_column name, vector_column name,
                                    OUT tcol name, OUT vcol name, OUT key_expr text)
@@ -49,11 +57,8 @@ DECLARE
     vectors name[];
     pk name[];
 BEGIN
-    SELECT array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE t.typname IN ('text', 'varchar', 'bpchar')),
-           array_agg(a.attname ORDER BY a.attnum) FILTER (WHERE t.typname = 'vector')
-      INTO texts, vectors
-      FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-     WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped;
+    texts := lorag._typed_columns(source, '{text,varchar,bpchar}');
+    vectors := lorag._typed_columns(source, '{vector}');
     tcol := lorag._rag_pick(source, 'text', texts, text_column,
                             'Use a table or view with a text column holding the passages.');
     vcol := lorag._rag_pick(source, 'vector', vectors, vector_column,

@@ -14,6 +14,7 @@ pub static LORAG_EMBEDDING_MODEL: GucSetting<Option<CString>> = GucSetting::<Opt
 pub static LORAG_GENERATION_MODEL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"SmolLM2-135M-Instruct"));
 /// `lorag.max_tokens`: the most tokens one `generate()` may ask for.
+pub static LORAG_ADAPTER_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static LORAG_MAX_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
 /// `lorag.use_worker`: send model requests to the shared worker when lorag is preloaded.
@@ -103,6 +104,14 @@ pub fn init() {
         &LORAG_MAX_TOKENS,
         1,
         32768,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"lorag.adapter_dir",
+        c"The folder lora_export() writes to and lora_import() reads from.",
+        c"Paths given to those functions are relative to it and cannot leave it. Empty: lorag_adapters in the data directory. Only superusers may change it.",
+        &LORAG_ADAPTER_DIR,
         GucContext::Suset,
         GucFlags::default(),
     );

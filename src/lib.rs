@@ -12,6 +12,7 @@ mod error;
 mod fmgr;
 mod guc;
 pub mod hnsw;
+mod lora;
 mod models;
 pub mod vector;
 mod worker;
@@ -20,6 +21,7 @@ pgrx::extension_sql_file!("../sql/vector.sql", name = "vector", bootstrap);
 pgrx::extension_sql_file!("../sql/hnsw.sql", name = "hnsw", requires = ["vector"]);
 pgrx::extension_sql_file!("../sql/models.sql", name = "models", requires = ["hnsw"]);
 pgrx::extension_sql_file!("../sql/rag.sql", name = "rag", requires = ["models"]);
+pgrx::extension_sql_file!("../sql/lora.sql", name = "lora", requires = ["rag"]);
 
 /// Runs when a process first loads lorag. Registers settings, index options and (under
 /// shared_preload_libraries) the model worker only: it never loads a model or starts a thread

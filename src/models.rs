@@ -29,11 +29,11 @@ static REQUESTS: AtomicU64 = AtomicU64::new(0);
 static NOTICE_GIVEN: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
-    static ENGINE: std::cell::RefCell<Engine> = std::cell::RefCell::new(Engine::new());
+    pub(crate) static ENGINE: std::cell::RefCell<Engine> = std::cell::RefCell::new(Engine::new());
     static TOKENIZERS: std::cell::RefCell<HashMap<String, Arc<tokenizers::Tokenizer>>> = std::cell::RefCell::new(HashMap::new());
 }
 
-fn report(code: PgSqlErrorCode, message: String, hint: Option<String>) -> ! {
+pub(crate) fn report(code: PgSqlErrorCode, message: String, hint: Option<String>) -> ! {
     let mut r = ErrorReport::new(code, message, "lorag");
     if let Some(h) = hint {
         r = r.set_hint(h);
@@ -79,7 +79,7 @@ fn registered_names() -> String {
 }
 
 /// Looks a model up by name (the GUC's default when `None`) and resolves its folder.
-fn lookup(name: Option<String>, kind: &str) -> ModelSpec {
+pub(crate) fn lookup(name: Option<String>, kind: &str) -> ModelSpec {
     let name = name.unwrap_or_else(|| {
         let default = if kind == "generator" { &LORAG_GENERATION_MODEL } else { &LORAG_EMBEDDING_MODEL };
         default.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
@@ -123,7 +123,7 @@ fn lookup(name: Option<String>, kind: &str) -> ModelSpec {
 }
 
 /// Says once per connection why models load here, and how to share them instead.
-fn notice_in_backend() {
+pub(crate) fn notice_in_backend() {
     if worker::preloaded() || NOTICE_GIVEN.swap(true, Ordering::Relaxed) {
         return;
     }
@@ -164,7 +164,7 @@ fn embed_texts(spec: ModelSpec, texts: Vec<String>) -> Vec<Vec<f32>> {
     vectors
 }
 
-fn text_arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<String> {
+pub(crate) fn text_arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<String> {
     // Safety: argument n is text (or NULL).
     unsafe { pgrx::fcinfo::pg_getarg::<String>(fcinfo, n) }
 }
@@ -266,14 +266,21 @@ fn generate_text(req: GenerateRequest) -> Generated {
         }
     } else {
         notice_in_backend();
-        let generator = ENGINE.with(|e| e.borrow_mut().generator(&req.model)).unwrap_or_else(|e| raise(e));
-        generator.generate(&req, || { pgrx::check_for_interrupts!(); }).unwrap_or_else(|e| raise(e))
+        let (generator, adapter) = ENGINE
+            .with(|e| {
+                let mut e = e.borrow_mut();
+                let g = e.generator(&req.model)?;
+                let a = e.adapter(&req, &g)?;
+                Ok((g, a))
+            })
+            .unwrap_or_else(|e| raise(e));
+        generator.generate(&req, adapter, || { pgrx::check_for_interrupts!(); }).unwrap_or_else(|e| raise(e))
     };
     REQUESTS.fetch_add(1, Ordering::Relaxed);
     generated
 }
 
-fn invalid(message: String, hint: &str) -> ! {
+pub(crate) fn invalid(message: String, hint: &str) -> ! {
     report(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, Some(hint.into()))
 }
 
@@ -314,14 +321,9 @@ sql_function!(lorag_generate, pg_finfo_lorag_generate, |fcinfo| {
     if !top_p.is_finite() || top_p <= 0.0 || top_p > 1.0 {
         invalid(format!("top_p must be in (0, 1], got {top_p}"), "0.9 keeps the tokens that make up 90% of the probability.");
     }
-    if let Some(adapter) = text_arg(fcinfo, 3) {
-        report(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("adapter \"{adapter}\" cannot be used: LoRA adapters are not part of this version of lorag"),
-            Some("Call without adapter; lora_train() and adapters come with a later version.".into()),
-        );
-    }
-    let model = lookup(text_arg(fcinfo, 4), "generator");
+    let adapter = text_arg(fcinfo, 3).map(|a| crate::lora::adapter_payload(&a, text_arg(fcinfo, 4).as_deref()));
+    // an adapter brings its base model along
+    let model = lookup(text_arg(fcinfo, 4).or_else(|| adapter.as_ref().map(|a| a.config.base_model.clone())), "generator");
     let system = text_arg(fcinfo, 5);
     // Safety: argument 6 is text[] (or NULL).
     let context: Vec<String> = unsafe { pgrx::fcinfo::pg_getarg::<Vec<Option<String>>>(fcinfo, 6) }
@@ -338,6 +340,7 @@ sql_function!(lorag_generate, pg_finfo_lorag_generate, |fcinfo| {
         temperature: f64::from(temperature),
         top_p: f64::from(top_p),
         seed: seed as u64,
+        adapter,
     });
     vec![
         g.text,

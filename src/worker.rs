@@ -25,6 +25,7 @@
 
 use crate::guc::LORAG_USE_WORKER;
 use lorag_models::engine::Engine;
+use lorag_models::lorag_lora::train::Progress;
 use lorag_models::protocol::{decode, encode, FrameBuffer, Request, Response};
 use lorag_models::ModelError;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
@@ -274,8 +275,19 @@ fn died(detail: String) -> ! {
     crate::models::raise(ModelError::WorkerDied(detail))
 }
 
+/// Forgets the cached connection: the model process sees it close and drops whatever job it
+/// held for this backend (called when a transaction that opened a job aborts).
+pub fn disconnect() {
+    CONNECTION.with(|c| c.borrow_mut().take());
+}
+
 /// Sends `request` to the model process and waits for its answer, interruptibly.
 pub fn call(request: &Request) -> Response {
+    call_with_progress(request, &mut |_| {})
+}
+
+/// As [`call`], handing the progress reports sent before the answer to `progress`.
+pub fn call_with_progress(request: &Request, progress: &mut dyn FnMut(&Progress)) -> Response {
     let mut stream = connection();
     let fd = stream.as_raw_fd();
     let frame = encode(request);
@@ -300,14 +312,18 @@ pub fn call(request: &Request) -> Response {
                 Err(e) => died(e.to_string()),
             }
         }
-        match incoming.next_frame() {
-            Ok(Some(body)) => {
-                let response = decode::<Response>(&body).unwrap_or_else(|e| died(e.to_string()));
-                CONNECTION.with(|c| *c.borrow_mut() = Some(stream));
-                return response;
+        loop {
+            match incoming.next_frame() {
+                Ok(Some(body)) => match decode::<Response>(&body).unwrap_or_else(|e| died(e.to_string())) {
+                    Response::Progress(p) => progress(&p),
+                    response => {
+                        CONNECTION.with(|c| *c.borrow_mut() = Some(stream));
+                        return response;
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => died(e.to_string()),
             }
-            Ok(None) => {}
-            Err(e) => died(e.to_string()),
         }
         let events = if written < frame.len() { pg_sys::WL_SOCKET_WRITEABLE } else { pg_sys::WL_SOCKET_READABLE };
         // An ERROR here (cancel, timeout) drops `stream`: the model process drops the request.

@@ -228,3 +228,100 @@ fn score(generator: &Generator, adapter: Option<&Adapter>, row: &[u32], seq_len:
     }
     Ok((nll, count))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::KvCache;
+    use lorag_lora::adapter::Pair;
+    use std::path::Path;
+
+    fn smollm2() -> Option<Arc<Generator>> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct");
+        if !dir.join("model.safetensors").exists() {
+            eprintln!("SmolLM2 not fetched (make models): skipping");
+            return None;
+        }
+        Some(Arc::new(Generator::load(&dir, &Device::Cpu).unwrap()))
+    }
+
+    /// A small random adapter on q and v of every layer.
+    fn adapter(g: &Generator, seed: u64) -> Adapter {
+        let config = LoraConfig { rank: 4, alpha: 8.0, target_modules: vec!["q_proj".into(), "v_proj".into()], base_model: "s".into() };
+        let c = &g.model.config;
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| {
+                let mut l: [Option<Pair>; 7] = Default::default();
+                for m in [0usize, 2] {
+                    let (i, o) = c.module_dims(m);
+                    let a = (Tensor::randn(0f32, 1.0, (4, i), &Device::Cpu).unwrap() * (0.05 * seed as f64)).unwrap();
+                    let b = (Tensor::randn(0f32, 1.0, (o, 4), &Device::Cpu).unwrap() * 0.05).unwrap();
+                    l[m] = Some(Pair { a, b });
+                }
+                l
+            })
+            .collect();
+        Adapter { config, layers }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn block_forward_matches_decoding_and_adapters_stay_per_stream() {
+        let Some(g) = smollm2() else { return };
+        let ids = g.encode("PostgreSQL stores tables in pages of eight kilobytes.").unwrap();
+        let other = g.encode("The wind tunnel measured the lift of the wing.").unwrap();
+        let a = adapter(&g, 1);
+        // the training/perplexity forward and the decoding forward agree, with and without adapter
+        for ad in [None, Some(&a)] {
+            let blocks = g.model.block_logits(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), ad).unwrap();
+            let last = blocks.get(0).unwrap().get(ids.len() - 1).unwrap();
+            let mut cache = KvCache::default();
+            let dec = g.model.forward(&mut [(ids.as_slice(), &mut cache, ad)]).unwrap().get(0).unwrap();
+            assert!(max_diff(&last, &dec) < 2e-3, "{}", max_diff(&last, &dec));
+        }
+        // two streams in one batch, one with an adapter: each equals its own run alone
+        let alone = |t: &[u32], ad: Option<&Adapter>| {
+            let mut c = KvCache::default();
+            g.model.forward(&mut [(t, &mut c, ad)]).unwrap().get(0).unwrap()
+        };
+        let (mut c1, mut c2) = (KvCache::default(), KvCache::default());
+        let both = g.model.forward(&mut [(ids.as_slice(), &mut c1, Some(&a)), (other.as_slice(), &mut c2, None)]).unwrap();
+        assert!(max_diff(&both.get(0).unwrap(), &alone(&ids, Some(&a))) < 1e-4);
+        assert!(max_diff(&both.get(1).unwrap(), &alone(&other, None)) < 1e-4);
+        assert!(max_diff(&alone(&ids, Some(&a)), &alone(&ids, None)) > 1e-3, "the adapter changes the output");
+    }
+
+    #[test]
+    fn training_job_learns_and_perplexity_of_the_base_is_unchanged() {
+        let Some(g) = smollm2() else { return };
+        let spec = ModelSpec { name: "s".into(), path: "/".into(), checksum: None, device: "cpu".into() };
+        let rows: Vec<String> = (0..40).map(|i| format!("Record {i}: the zebra code of lorag is {}.", i * 7 % 13)).collect();
+        let held: Vec<String> = (40..48).map(|i| format!("Record {i}: the zebra code of lorag is {}.", i * 7 % 13)).collect();
+        let ppl = |adapter: Option<AdapterPayload>, rows: &[String]| {
+            let (mut job, _) = Job::open(JobSpec::Perplexity { model: spec.clone(), adapter, seq_len: 64 }, g.clone()).unwrap();
+            job.handle(JobRequest::Feed(rows.to_vec()), &mut |_| true).unwrap();
+            match job.handle(JobRequest::Finish, &mut |_| true).unwrap() {
+                JobResponse::Scored { nll, tokens } => (nll / tokens as f64).exp(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let base = ppl(None, &held);
+        let lora = LoraConfig { rank: 8, alpha: 16.0, target_modules: vec!["q_proj".into(), "v_proj".into()], base_model: "s".into() };
+        let train = TrainConfig { seq_len: 32, batch_size: 4, epochs: 2, learning_rate: 3e-3, ..TrainConfig::default() };
+        let spec_t = JobSpec::Train { model: spec.clone(), adapter: "z".into(), lora: lora.clone(), train, backend_pid: 1, user: "u".into() };
+        let (mut job, _) = Job::open(spec_t, g.clone()).unwrap();
+        job.handle(JobRequest::Count(rows.clone()), &mut |_| true).unwrap();
+        for _ in 0..2 {
+            job.handle(JobRequest::Feed(rows.clone()), &mut |_| true).unwrap();
+        }
+        let JobResponse::Trained { weights, sha256, summary } = job.handle(JobRequest::Finish, &mut |_| true).unwrap() else { panic!() };
+        assert_eq!(summary.progress.step, summary.progress.total_steps);
+        let payload = AdapterPayload { name: "z".into(), config: lora, sha256, weights };
+        let tuned = ppl(Some(payload), &held);
+        assert!(tuned < base * 0.85, "held-out perplexity {base} → {tuned}");
+        assert_eq!(ppl(None, &held), base, "the base model is untouched");
+    }
+}

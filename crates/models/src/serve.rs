@@ -510,6 +510,7 @@ mod tests {
             temperature: 0.0,
             top_p: 1.0,
             seed: 0,
+            adapter: None,
         })
     }
 
