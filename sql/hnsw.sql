@@ -25,6 +25,8 @@ CREATE OPERATOR CLASS vector_cosine_ops
     FUNCTION 2 vector_norm(vector);
 
 CREATE SCHEMA IF NOT EXISTS lorag;
+-- lorag's functions, views and tables are for every role; each object grants what it allows.
+GRANT USAGE ON SCHEMA lorag TO PUBLIC;
 
 CREATE FUNCTION lorag._hnsw_check(regclass) RETURNS text[]
     AS 'MODULE_PATHNAME', 'lorag_hnsw_check' LANGUAGE C STRICT;

@@ -8,6 +8,8 @@ CREATE TABLE lorag.models (
     checksum    text CHECK (checksum ~ '^[0-9a-f]{64}$'),  -- sha256 of the weights file
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+-- every role may see (and use) the registered models; registering is for superusers
+GRANT SELECT ON lorag.models TO PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('lorag.models', 'WHERE name NOT IN (''all-MiniLM-L6-v2'', ''SmolLM2-135M-Instruct'')');
 
 INSERT INTO lorag.models (name, kind, path, dimensions, checksum) VALUES
