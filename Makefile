@@ -8,7 +8,7 @@ PG := scripts/pg.sh
 PGENV = eval "$$($(PG) env)"
 PGRX_TEST_DATA := $(CURDIR)/target/pgrx-test-pgdata
 
-.PHONY: demo test setup models install install-debug start stop psql unit pgtest sqltest bench bench-hnsw bench-embed bench-rag
+.PHONY: demo test setup models install install-debug start stop psql unit pgtest sqltest bench bench-hnsw bench-embed bench-rag bench-lora
 
 demo: setup models install start
 	$(PGENV) && $(PG) psql -f examples/demo.sql
@@ -59,6 +59,10 @@ bench-hnsw: install start
 
 bench-embed: models install start
 	$(PGENV) && .venv/bin/pip install -q onnxruntime tokenizers && .venv/bin/python benches/embed_bench.py
+
+bench-lora: models install start
+	cargo bench -p lorag-models --bench lora_train
+	$(PGENV) && .venv/bin/python benches/lora_evidence.py
 
 bench-rag: models install start
 	$(PGENV) && .venv/bin/python benches/rag_bench.py
