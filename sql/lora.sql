@@ -137,9 +137,9 @@ $$;
 -- seq_len blocks), on the frozen base model, and saves it as lorag.adapters row `adapter`
 -- (default: the table's name).
 CREATE FUNCTION lora_train(source regclass, text_column name DEFAULT NULL, adapter text DEFAULT NULL,
-                           base_model text DEFAULT NULL, rank integer DEFAULT 8, alpha real DEFAULT 16,
+                           base_model text DEFAULT NULL, rank integer DEFAULT 8, alpha float8 DEFAULT 16,
                            target_modules text[] DEFAULT '{q_proj,v_proj}', epochs integer DEFAULT 1,
-                           max_steps integer DEFAULT NULL, learning_rate real DEFAULT 1e-3,
+                           max_steps integer DEFAULT NULL, learning_rate float8 DEFAULT 1e-3,
                            seq_len integer DEFAULT 256, batch_size integer DEFAULT 4, seed bigint DEFAULT 0,
                            replace boolean DEFAULT false)
 RETURNS TABLE (name text, steps integer, final_loss real, mean_loss real, tokens bigint,
@@ -201,7 +201,7 @@ END $$;
 
 -- PEFT's adapter_config.json for an adapter of base model `model`; the default model carries its
 -- Hugging Face Hub name, so PEFT in Python finds the base.
-CREATE FUNCTION lorag._peft_config(rank integer, alpha real, target_modules text[], model text) RETURNS jsonb
+CREATE FUNCTION lorag._peft_config(rank integer, alpha float8, target_modules text[], model text) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
     SELECT jsonb_build_object(
         'peft_type', 'LORA', 'task_type', 'CAUSAL_LM',
@@ -296,7 +296,7 @@ BEGIN
     got := lorag._adapter_read(dir, model);
     w := decode(got->>'weights', 'hex');
     PERFORM lorag._adapter_save(adapter, got->>'base_model',
-            lorag._peft_config((got->'config'->>'r')::integer, (got->'config'->>'lora_alpha')::real,
+            lorag._peft_config((got->'config'->>'r')::integer, (got->'config'->>'lora_alpha')::float8,
                                ARRAY(SELECT jsonb_array_elements_text(got->'config'->'target_modules')), got->>'base_model'),
             w, encode(sha256(w), 'hex'), dir, NULL, replace);
 END $$;

@@ -78,7 +78,7 @@ def test_rag_bad_inputs(conn, docs):
     assert_clean_error(conn, "SELECT generate('   ')", "22023", "prompt is empty")
     assert_clean_error(conn, "SELECT generate('hi', temperature => -1)", "22023", "temperature")
     assert_clean_error(conn, "SELECT generate('hi', top_p => 0)", "22023", "top_p")
-    assert_clean_error(conn, "SELECT generate('hi', adapter => 'docs')", "0A000", "not part of this version")
+    assert_clean_error(conn, "SELECT generate('hi', adapter => 'no_such_adapter')", "42704", 'adapter "no_such_adapter" does not exist')
     assert_clean_error(conn, "SELECT generate('hi', model => 'all-MiniLM-L6-v2')", "42809", "needs a generator model")
     assert_clean_error(conn, "SELECT generate('hi', model => 'nope')", "42704", "not registered")
     # a source with no rows: said, not invented

@@ -2,7 +2,8 @@
 //! operands even when one is a constant; for a frozen base model that wasted product is a third
 //! of all training work. This op gives the gradient of `x` only.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 
 struct FrozenMatmul {
     /// (out, in)
@@ -15,17 +16,14 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        // Rebuild `x` as a plain tensor (no gradient tracking), multiply, hand the storage back.
-        let x = match layout.contiguous_offsets() {
-            Some((start, end)) => {
-                let data = storage.as_slice::<f32>()?;
-                Tensor::from_slice(&data[start..end], layout.shape(), &candle_core::Device::Cpu)?
-            }
-            None => candle_core::bail!("frozen-matmul needs a contiguous input"),
-        };
-        let y = x.matmul(&self.weight.t()?)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+        // candle's own CPU matmul on the storages: no copy of the input or the output.
+        let (m, k) = layout.shape().dims2()?;
+        let wt = self.weight.t()?;
+        let n = wt.dim(1)?;
+        let (guard, w_layout) = wt.storage_and_layout();
+        let Storage::Cpu(w) = &*guard else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
+        let out = storage.matmul(w, (1, m, n, k), layout, w_layout)?;
+        Ok((out, Shape::from((m, n))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

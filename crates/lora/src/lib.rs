@@ -10,6 +10,7 @@
 pub mod adapter;
 pub mod config;
 pub mod frozen;
+pub mod ops;
 pub mod train;
 
 pub use adapter::Adapter;

@@ -37,7 +37,7 @@ pub fn block_loss<M: CausalLm + ?Sized>(model: &M, blocks: &Tensor, adapter: Opt
     let logits = model.block_logits(&blocks.narrow(1, 0, l - 1)?, adapter)?;
     let vocab = logits.dim(2)?;
     let targets = blocks.narrow(1, 1, l - 1)?.reshape(b * (l - 1))?;
-    candle_nn::loss::cross_entropy(&logits.reshape((b * (l - 1), vocab))?, &targets)
+    crate::ops::cross_entropy(&logits.reshape((b * (l - 1), vocab))?, &targets)
 }
 
 /// Where a training run stands; sent as progress and kept for the progress view.

@@ -254,8 +254,9 @@ impl Llama {
     }
 
     /// Logits of every position of token blocks (blocks, positions) → (blocks, positions, vocab),
-    /// with `adapter`'s terms. Built from differentiable operations only (candle's fused rope,
-    /// softmax and RMS norm have no gradient), so it serves training and perplexity alike.
+    /// with `adapter`'s terms. Differentiable in the adapter (candle's fused rope, softmax and RMS
+    /// norm have no gradient; `lorag_lora::ops` gives them one), so it serves training and
+    /// perplexity alike.
     pub fn block_logits(&self, tokens: &Tensor, adapter: Option<&Adapter>) -> candle_core::Result<Tensor> {
         let (b, l) = tokens.dims2()?;
         let device = tokens.device();
@@ -271,21 +272,21 @@ impl Llama {
         };
         let rep = self.heads / self.kv_heads;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm_slow(&x, &layer.ln1_w, eps)?;
-            let q = candle_nn::rotary_emb::rope_slow(&split(self.project(li, Q, &h, &segments)?, self.heads)?, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_slow(&split(self.project(li, K, &h, &segments)?, self.kv_heads)?, &cos, &sin)?;
+            let h = lorag_lora::ops::rms_norm(&x, &layer.ln1_w, eps)?;
+            let q = lorag_lora::ops::rope(&split(self.project(li, Q, &h, &segments)?, self.heads)?, &cos, &sin)?;
+            let k = lorag_lora::ops::rope(&split(self.project(li, K, &h, &segments)?, self.kv_heads)?, &cos, &sin)?;
             let v = split(self.project(li, V, &h, &segments)?, self.kv_heads)?;
             let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
             let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
             let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?; // (b, heads, l, l)
-            let att = candle_nn::ops::softmax(&att, candle_core::D::Minus1)?;
+            let att = lorag_lora::ops::softmax(&att)?;
             let o = att.matmul(&v)?.transpose(1, 2)?.reshape((rows, self.heads * self.head_dim))?;
             x = (x + self.project(li, O, &o, &segments)?)?;
-            let h = candle_nn::ops::rms_norm_slow(&x, &layer.ln2_w, eps)?;
+            let h = lorag_lora::ops::rms_norm(&x, &layer.ln2_w, eps)?;
             let act = (self.project(li, GATE, &h, &segments)?.silu()? * self.project(li, UP, &h, &segments)?)?;
             x = (x + self.project(li, DOWN, &act, &segments)?)?;
         }
-        let x = candle_nn::ops::rms_norm_slow(&x, &self.norm_w, eps)?;
+        let x = lorag_lora::ops::rms_norm(&x, &self.norm_w, eps)?;
         lorag_lora::frozen::frozen_matmul(&x, self.lm_head.weight())?.reshape((b, l, self.config.vocab_size))
     }
 }
