@@ -21,12 +21,6 @@ SELECT pg_catalog.pg_extension_config_dump('lorag.adapters', '');
 -- Adapters are shared: everyone may use them; the functions below write them.
 GRANT SELECT ON lorag.adapters TO PUBLIC;
 
-DO $$ BEGIN
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'lorag_admin') THEN
-        CREATE ROLE lorag_admin NOLOGIN;
-    END IF;
-END $$;
-
 CREATE FUNCTION lorag._job_open(spec jsonb) RETURNS jsonb
     AS 'MODULE_PATHNAME', 'lorag_job_open' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
 CREATE FUNCTION lorag._job_count(rows text[]) RETURNS bigint
@@ -55,11 +49,6 @@ CREATE VIEW lorag.training_progress AS
                 loss float8, mean_loss float8, learning_rate float8, tokens bigint, tokens_per_second float8,
                 elapsed_s float8, eta_s float8);
 GRANT SELECT ON lorag.training_progress TO PUBLIC;
-
-CREATE FUNCTION lorag._is_admin() RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user)
-        OR pg_catalog.pg_has_role(session_user, 'lorag_admin', 'MEMBER')
-$$;
 
 -- An adapter name may be (re)used: new, or replace => true by its creator or an admin.
 CREATE FUNCTION lorag._adapter_check_name(name text, replace boolean) RETURNS void

@@ -18,18 +18,32 @@ INSERT INTO lorag.models (name, kind, path, dimensions, checksum) VALUES
     -- built by make models from the GGUF (or fetched from the Hub), so no fixed checksum
     ('SmolLM2-135M-Instruct', 'generator', 'SmolLM2-135M-Instruct', NULL, NULL);
 
--- Registers (or replaces) a model folder. It names files, so only superusers may call it
--- unless they grant it; relative paths must stay inside lorag.model_dir.
+-- lorag_admin: the role for what touches the server's file system (model paths, adapter
+-- export/import) without being a superuser.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'lorag_admin') THEN
+        CREATE ROLE lorag_admin NOLOGIN;
+    END IF;
+END $$;
+
+CREATE FUNCTION lorag._is_admin() RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user)
+        OR pg_catalog.pg_has_role(session_user, 'lorag_admin', 'MEMBER')
+$$;
+
+-- Registers (or replaces) a model folder. It names files, so only superusers and lorag_admin
+-- may call it (or whom they grant it); relative paths must stay inside lorag.model_dir, absolute
+-- ones are for superusers and lorag_admin.
 CREATE FUNCTION lorag.register_model(name text, kind text, path text,
                                      dimensions integer DEFAULT NULL, checksum text DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql AS $$
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF path ~ '(^|/)\.\.(/|$)' THEN
         RAISE EXCEPTION 'model path "%" leaves lorag.model_dir', path
-            USING ERRCODE = '42501', HINT = 'Use a path inside lorag.model_dir, or an absolute path as a superuser.';
+            USING ERRCODE = '42501', HINT = 'Use a path inside lorag.model_dir, or an absolute path as a superuser or lorag_admin.';
     END IF;
-    IF path ~ '^/' AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
-        RAISE EXCEPTION 'only superusers may register absolute model paths'
+    IF path ~ '^/' AND NOT lorag._is_admin() THEN
+        RAISE EXCEPTION 'only superusers and members of lorag_admin may register absolute model paths'
             USING ERRCODE = '42501', HINT = 'Put the model under lorag.model_dir and register a relative path.';
     END IF;
     INSERT INTO lorag.models AS m (name, kind, path, dimensions, checksum)
@@ -40,6 +54,7 @@ BEGIN
             checksum = EXCLUDED.checksum, created_at = now();
 END $$;
 REVOKE ALL ON FUNCTION lorag.register_model(text, text, text, integer, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION lorag.register_model(text, text, text, integer, text) TO lorag_admin;
 
 CREATE FUNCTION embed(input text, model text DEFAULT NULL) RETURNS vector
     AS 'MODULE_PATHNAME', 'lorag_embed' LANGUAGE C STABLE PARALLEL RESTRICTED;

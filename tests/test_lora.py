@@ -169,6 +169,16 @@ def test_permissions(conn, dsn, tables):
         assert u.execute("SELECT created_by FROM lorag.adapters WHERE name = 'mine'").fetchone()[0] == "lt_user"
         assert u.execute("SELECT generate('hi', max_tokens => 4, adapter => 'owned')").fetchone()[0] is not None
         assert u.execute("SELECT lora_drop('mine')").fetchone()[0] is True
+        assert_clean_error(u, "SELECT lorag.register_model('x', 'generator', '/tmp/x')", "42501", "permission denied for function")
+        # lorag_admin may touch the file system, still only inside the configured folders
+        conn.execute("GRANT lorag_admin TO lt_user")
+        assert u.execute("SELECT lora_export('owned', 'by_admin')").fetchone()[0].endswith("lorag_adapters/by_admin")
+        u.execute("SELECT lora_import('owned_copy', 'by_admin', replace => true)")
+        assert_clean_error(u, "SELECT lora_export('owned', '../../escape')", "42501", "is not a folder inside lorag.adapter_dir")
+        u.execute("SELECT lorag.register_model('admin-abs', 'generator', '/nonexistent/model')")
+        conn.execute("DELETE FROM lorag.models WHERE name = 'admin-abs'")
+        conn.execute("SELECT lora_drop('owned_copy')")
+        conn.execute("REVOKE lorag_admin FROM lt_user")
     conn.execute("DROP TABLE lt_mine")
     conn.execute("DROP OWNED BY lt_user")
     conn.execute("DROP ROLE lt_user")
