@@ -10,7 +10,7 @@ CREATE TABLE lorag.adapters (
     base_model      text NOT NULL REFERENCES lorag.models (name) ON UPDATE CASCADE,
     config          jsonb NOT NULL,     -- PEFT's adapter_config.json
     weights         bytea NOT NULL,     -- PEFT's adapter_model.safetensors
-    weights_sha256  text NOT NULL CHECK (weights_sha256 ~ '^[0-9a-f]{64}$'),
+    weights_sha256  text GENERATED ALWAYS AS (encode(sha256(weights), 'hex')) STORED,  -- the cache key of the model worker
     source          text,               -- the table it was trained on, or the folder it was imported from
     metrics         jsonb,              -- steps, loss, tokens, parameters, time
     created_by      name NOT NULL DEFAULT current_user,
@@ -18,8 +18,14 @@ CREATE TABLE lorag.adapters (
 );
 SELECT pg_catalog.pg_extension_config_dump('lorag.adapters', '');
 
--- Adapters are shared: everyone may use them; the functions below write them.
-GRANT SELECT ON lorag.adapters TO PUBLIC;
+-- Adapters are shared: every role may use them, add its own, and replace or drop its own;
+-- members of lorag_admin may replace or drop any. (Superusers and the owner bypass the policies.)
+GRANT SELECT, INSERT, DELETE ON lorag.adapters TO PUBLIC;
+ALTER TABLE lorag.adapters ENABLE ROW LEVEL SECURITY;
+CREATE POLICY adapters_read ON lorag.adapters FOR SELECT USING (true);
+CREATE POLICY adapters_add ON lorag.adapters FOR INSERT WITH CHECK (created_by = current_user);
+CREATE POLICY adapters_remove ON lorag.adapters FOR DELETE
+    USING (created_by = current_user OR pg_catalog.pg_has_role(current_user, 'lorag_admin', 'MEMBER'));
 
 CREATE FUNCTION lorag._job_open(spec jsonb) RETURNS jsonb
     AS 'MODULE_PATHNAME', 'lorag_job_open' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
@@ -29,6 +35,8 @@ CREATE FUNCTION lorag._job_feed(rows text[]) RETURNS jsonb
     AS 'MODULE_PATHNAME', 'lorag_job_feed' LANGUAGE C VOLATILE PARALLEL UNSAFE;
 CREATE FUNCTION lorag._job_finish() RETURNS jsonb
     AS 'MODULE_PATHNAME', 'lorag_job_finish' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+CREATE FUNCTION lorag._job_close() RETURNS void
+    AS 'MODULE_PATHNAME', 'lorag_job_close' LANGUAGE C VOLATILE PARALLEL UNSAFE;
 CREATE FUNCTION lorag._job_weights() RETURNS bytea
     AS 'MODULE_PATHNAME', 'lorag_job_weights' LANGUAGE C VOLATILE PARALLEL UNSAFE;
 CREATE FUNCTION lorag._training_progress() RETURNS jsonb
@@ -38,6 +46,7 @@ CREATE FUNCTION lorag._adapter_write(dir text, config jsonb, weights bytea) RETU
 CREATE FUNCTION lorag._adapter_read(dir text, model text) RETURNS jsonb
     AS 'MODULE_PATHNAME', 'lorag_adapter_read' LANGUAGE C VOLATILE PARALLEL UNSAFE;
 REVOKE ALL ON FUNCTION lorag._adapter_write(text, jsonb, bytea), lorag._adapter_read(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION lorag._adapter_write(text, jsonb, bytea), lorag._adapter_read(text, text) TO lorag_admin;
 
 -- Training jobs running now, in any session (with the model worker).
 CREATE VIEW lorag.training_progress AS
@@ -64,21 +73,21 @@ BEGIN
         RAISE EXCEPTION 'adapter "%" already exists', name
             USING ERRCODE = '42710', HINT = 'Pass replace => true to replace it, lora_drop() it, or choose another name.';
     END IF;
-    IF owner <> session_user AND NOT lorag._is_admin() THEN
+    IF owner <> current_user AND NOT lorag._is_admin() THEN
         RAISE EXCEPTION 'adapter "%" belongs to %: only its creator, a superuser or a member of lorag_admin may replace it', name, owner
             USING ERRCODE = '42501';
     END IF;
 END $$;
 
--- Saves an adapter row (the only way in for non-superusers: lorag.adapters is read-only to them).
-CREATE FUNCTION lorag._adapter_save(name text, base_model text, config jsonb, weights bytea, sha text,
+-- Saves an adapter row as the current role (replacing one it may replace).
+CREATE FUNCTION lorag._adapter_save(name text, base_model text, config jsonb, weights bytea,
                                     source text, metrics jsonb, replace boolean) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM lorag._adapter_check_name(name, replace);
     DELETE FROM lorag.adapters a WHERE a.name = _adapter_save.name;
-    INSERT INTO lorag.adapters (name, base_model, config, weights, weights_sha256, source, metrics, created_by)
-    VALUES (name, base_model, config, weights, sha, source, metrics, session_user);
+    INSERT INTO lorag.adapters (name, base_model, config, weights, source, metrics, created_by)
+    VALUES (name, base_model, config, weights, source, metrics, current_user);
 END $$;
 
 -- Streams source's text column into the open job, batch by batch (op 'count' or 'feed'); returns
@@ -146,8 +155,11 @@ BEGIN
     IF aname IS NULL OR btrim(aname) = '' THEN
         RAISE EXCEPTION 'the adapter name is empty' USING ERRCODE = '22023', HINT = 'Name it: lora_train(''docs'', adapter => ''docs_v1'').';
     END IF;
-    IF epochs IS NULL OR seq_len IS NULL OR batch_size IS NULL OR rank IS NULL OR alpha IS NULL OR learning_rate IS NULL THEN
-        RAISE EXCEPTION 'rank, alpha, epochs, learning_rate, seq_len and batch_size must not be NULL' USING ERRCODE = '22004';
+    IF epochs IS NULL OR seq_len IS NULL OR batch_size IS NULL OR rank IS NULL OR alpha IS NULL OR learning_rate IS NULL
+       OR target_modules IS NULL OR cardinality(target_modules) = 0 OR array_position(target_modules, NULL) IS NOT NULL
+       OR replace IS NULL OR seed IS NULL THEN
+        RAISE EXCEPTION 'rank, alpha, target_modules, epochs, learning_rate, seq_len, batch_size, seed and replace must not be NULL (nor empty)'
+            USING ERRCODE = '22004', HINT = 'Leave an argument out to get its default.';
     END IF;
     col := lorag._text_column(source, text_column);
     IF NOT pg_try_advisory_xact_lock(hashtext('lorag.adapters'), hashtext(aname)) THEN
@@ -172,7 +184,7 @@ BEGIN
     w := lorag._job_weights();
     PERFORM lorag._adapter_save(aname, opened->>'model',
             lorag._peft_config(rank, alpha, target_modules, opened->>'model'),
-            w, fin->>'weights_sha256', source::text,
+            w, source::text,
             jsonb_build_object('steps', fin->'progress'->'step', 'final_loss', fin->'progress'->'loss',
                                'mean_loss', fin->'progress'->'mean_loss', 'tokens', fin->'progress'->'tokens',
                                'trainable_parameters', fin->'trainable_parameters',
@@ -186,6 +198,10 @@ BEGIN
                         (fin->>'trainable_parameters')::bigint, (fin->>'total_parameters')::bigint,
                         (fin->>'trainable_parameters')::float8 / (fin->>'total_parameters')::float8,
                         extract(epoch FROM clock_timestamp() - t0)::float8;
+EXCEPTION WHEN OTHERS THEN
+    -- a failed job must not outlive the statement, even when the caller catches the error
+    PERFORM lorag._job_close();
+    RAISE;
 END $$;
 
 -- PEFT's adapter_config.json for an adapter of base model `model`; the default model carries its
@@ -220,11 +236,15 @@ BEGIN
             USING ERRCODE = '22023', HINT = 'NULL rows are skipped; score a table with text rows.';
     END IF;
     RETURN exp((fin->>'nll')::float8 / (fin->>'tokens')::float8);
+EXCEPTION WHEN OTHERS THEN
+    -- a failed job must not outlive the statement, even when the caller catches the error
+    PERFORM lorag._job_close();
+    RAISE;
 END $$;
 
 -- Removes an adapter; its creator or a superuser / lorag_admin may.
 CREATE FUNCTION lora_drop(adapter text, if_exists boolean DEFAULT false) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     owner name;
 BEGIN
@@ -236,7 +256,7 @@ BEGIN
         RAISE EXCEPTION 'adapter "%" does not exist', adapter
             USING ERRCODE = '42704', HINT = 'SELECT name FROM lorag.adapters lists them; if_exists => true ignores a missing one.';
     END IF;
-    IF owner <> session_user AND NOT lorag._is_admin() THEN
+    IF owner <> current_user AND NOT lorag._is_admin() THEN
         RAISE EXCEPTION 'only the creator of adapter "%" (%), a superuser or a member of lorag_admin may drop it', adapter, owner
             USING ERRCODE = '42501';
     END IF;
@@ -255,7 +275,7 @@ END $$;
 -- Writes adapter_config.json and adapter_model.safetensors (Hugging Face PEFT) to dir, a folder
 -- inside lorag.adapter_dir; returns the folder's full path.
 CREATE FUNCTION lora_export(adapter text, dir text) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     a record;
 BEGIN
@@ -271,9 +291,8 @@ END $$;
 -- base model: base_model, else the model registered under the config's base_model_name_or_path
 -- (its last path part).
 CREATE FUNCTION lora_import(adapter text, dir text, base_model text DEFAULT NULL, replace boolean DEFAULT false)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    cfg jsonb;
     model text := base_model;
     got jsonb;
     w bytea;
@@ -287,5 +306,5 @@ BEGIN
     PERFORM lorag._adapter_save(adapter, got->>'base_model',
             lorag._peft_config((got->'config'->>'r')::integer, (got->'config'->>'lora_alpha')::float8,
                                ARRAY(SELECT jsonb_array_elements_text(got->'config'->'target_modules')), got->>'base_model'),
-            w, encode(sha256(w), 'hex'), dir, NULL, replace);
+            w, dir, NULL, replace);
 END $$;

@@ -26,9 +26,11 @@ DO $$ BEGIN
     END IF;
 END $$;
 
+-- Whether the current role is a superuser or a member of lorag_admin. (lorag_admin is a role of
+-- the whole cluster: granting it gives its rights in every database with lorag.)
 CREATE FUNCTION lorag._is_admin() RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user)
-        OR pg_catalog.pg_has_role(session_user, 'lorag_admin', 'MEMBER')
+    SELECT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
+        OR pg_catalog.pg_has_role(current_user, 'lorag_admin', 'MEMBER')
 $$;
 
 -- Registers (or replaces) a model folder. It names files, so only superusers and lorag_admin
@@ -36,7 +38,7 @@ $$;
 -- ones are for superusers and lorag_admin.
 CREATE FUNCTION lorag.register_model(name text, kind text, path text,
                                      dimensions integer DEFAULT NULL, checksum text DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     IF path ~ '(^|/)\.\.(/|$)' THEN
         RAISE EXCEPTION 'model path "%" leaves lorag.model_dir', path
@@ -55,6 +57,7 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION lorag.register_model(text, text, text, integer, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION lorag.register_model(text, text, text, integer, text) TO lorag_admin;
+GRANT INSERT, UPDATE ON lorag.models TO lorag_admin;
 
 CREATE FUNCTION embed(input text, model text DEFAULT NULL) RETURNS vector
     AS 'MODULE_PATHNAME', 'lorag_embed' LANGUAGE C STABLE PARALLEL RESTRICTED;

@@ -63,7 +63,9 @@ fn notice_progress(p: &Progress) {
 /// Sends one job request to the worker or runs it here.
 fn job_call(request: Request) -> JobResponse {
     let mut progress = |p: &Progress| {
-        notice_progress(p);
+        if p.total_steps > 0 {
+            notice_progress(p);
+        }
         pgrx::check_for_interrupts!();
     };
     if worker::enabled() {
@@ -139,6 +141,17 @@ fn field<'a>(spec: &'a Value, key: &str) -> &'a Value {
     spec.get(key).unwrap_or(&Value::Null)
 }
 
+/// A number argument: `default` when absent (NULL), an ERROR when not a finite number (jsonb
+/// turns NaN and Infinity into strings).
+fn number(spec: &Value, key: &str, default: f64) -> f64 {
+    match field(spec, key) {
+        Value::Null => default,
+        v => v.as_f64().filter(|f| f.is_finite()).unwrap_or_else(|| {
+            invalid(format!("{key} must be a finite number, got {v}"), "See \\df lora_train for the arguments and their defaults.")
+        }),
+    }
+}
+
 fn int(spec: &Value, key: &str) -> Option<i64> {
     field(spec, key).as_i64().or_else(|| field(spec, key).as_f64().map(|f| f as i64))
 }
@@ -163,7 +176,7 @@ sql_function!(lorag_job_open, pg_finfo_lorag_job_open, |fcinfo| {
             let model = lookup(model_name, "generator");
             let lora = LoraConfig {
                 rank: count(&spec, "rank", 8),
-                alpha: field(&spec, "alpha").as_f64().unwrap_or(16.0),
+                alpha: number(&spec, "alpha", 16.0),
                 target_modules: field(&spec, "target_modules")
                     .as_array()
                     .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
@@ -174,7 +187,7 @@ sql_function!(lorag_job_open, pg_finfo_lorag_job_open, |fcinfo| {
             let train = TrainConfig {
                 epochs: count(&spec, "epochs", 1),
                 max_steps: int(&spec, "max_steps").map(|v| if v < 1 { 0 } else { v as usize }),
-                learning_rate: field(&spec, "learning_rate").as_f64().unwrap_or(defaults.learning_rate),
+                learning_rate: number(&spec, "learning_rate", defaults.learning_rate),
                 seq_len: count(&spec, "seq_len", defaults.seq_len),
                 batch_size: count(&spec, "batch_size", defaults.batch_size),
                 seed: int(&spec, "seed").unwrap_or(0) as u64,
@@ -194,10 +207,7 @@ sql_function!(lorag_job_open, pg_finfo_lorag_job_open, |fcinfo| {
     };
     let model = job.model().name.clone();
     // A transaction that ends in an error drops the job (and, with the worker, the connection it ran on).
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
-        JOB.with(|j| j.borrow_mut().take());
-        worker::disconnect();
-    });
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, close_job);
     let JobResponse::Opened { trainable_parameters, total_parameters } = job_call(Request::JobOpen(job)) else {
         raise(ModelError::Runtime("the job did not open".into()))
     };
@@ -210,6 +220,20 @@ fn rows_arg(fcinfo: pg_sys::FunctionCallInfo) -> Vec<String> {
     // Safety: argument 0 is text[] (or NULL); NULL elements (NULL rows) are skipped.
     unsafe { pgrx::fcinfo::pg_getarg::<Vec<Option<String>>>(fcinfo, 0) }.unwrap_or_default().into_iter().flatten().collect()
 }
+
+/// Drops this session's job: the one run here, and (by closing the connection) the worker's.
+fn close_job() {
+    JOB.with(|j| j.borrow_mut().take());
+    WEIGHTS.with(|w| w.borrow_mut().take());
+    worker::disconnect();
+}
+
+// lorag._job_close() → void: called by lora_train()/perplexity() when they fail, so an error
+// caught by the caller (a subtransaction) leaves no job behind.
+sql_function!(lorag_job_close, pg_finfo_lorag_job_close, |_fcinfo| {
+    close_job();
+    pg_sys::Datum::from(0)
+});
 
 // lorag._job_count(rows text[]) → bigint: tokens of these rows (training plans its steps).
 sql_function!(lorag_job_count, pg_finfo_lorag_job_count, |fcinfo| {

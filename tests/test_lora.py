@@ -19,7 +19,7 @@ SMALL = "seq_len => 32, batch_size => 2, max_steps => 3"
 @pytest.fixture(scope="module")
 def tables(dsn):
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("DROP TABLE IF EXISTS lt_facts, lt_other, lt_nulls, lt_empty, lt_ints, lt_two CASCADE")
+        c.execute("DROP TABLE IF EXISTS lt_facts, lt_other, lt_nulls, lt_empty, lt_ints, lt_two, lt_rag CASCADE")
         c.execute("CREATE TABLE lt_facts (id serial PRIMARY KEY, body text)")
         for f in FACTS:
             c.execute("INSERT INTO lt_facts (body) VALUES (%s)", (f,))
@@ -73,6 +73,13 @@ def test_train_use_and_measure_an_adapter(mconn, tables):
     # generation with the adapter, and with the adapter's base model implied
     text = mconn.execute("SELECT generate('What is the zebra code of record 3?', max_tokens => 12, adapter => %s)", (name,)).fetchone()[0]
     assert text
+    # RAG and the adapter in one call: retrieved facts in the prompt, the adapter on the model
+    mconn.execute("CREATE TABLE IF NOT EXISTS lt_rag AS SELECT id, body AS content, embed(body) AS embedding FROM lt_facts WHERE id <= 5")
+    answer, sources, timings = mconn.execute(
+        "SELECT * FROM rag_answer_with_sources('What is the zebra code of record 3?', 'lt_rag', k => 2, adapter => %s, max_tokens => 12)",
+        (name,)).fetchone()
+    assert answer and len(sources) == 2 and timings["generated_tokens"] >= 1
+    assert_clean_error(mconn, "SELECT rag_answer('What is the zebra code?', 'lt_rag', adapter => 'no_such')", "42704", 'adapter "no_such" does not exist')
     # a retrained adapter (same name) is used at once, never a stale copy
     mconn.execute(f"SELECT * FROM lora_train('lt_facts', adapter => %s, replace => true, learning_rate => 5e-2, {SMALL})", (name,))
     assert ppl(mconn, "lt_facts", name) != tuned
@@ -123,7 +130,11 @@ def test_bad_training_input(conn, tables):
     assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', epochs => 0)", "22023", "epochs must be between")
     assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', base_model => 'nope')", "42704", 'model "nope" is not registered')
     assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', base_model => 'all-MiniLM-L6-v2')", "42809", "registered as a embedding model")
-    assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', seq_len => 2048, max_steps => 1)", "22023", "fewer than one block")
+    assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', seq_len => 1024, batch_size => 1, max_steps => 1)", "22023", "fewer than one block")
+    assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', seq_len => 1024, batch_size => 64)", "22023", "needs more memory per step")
+    assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', target_modules => NULL)", "22004", "must not be NULL")
+    assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', alpha => 'NaN')", "22023", "alpha must be")
+    assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', learning_rate => 'Infinity')", "22023", "learning_rate must be")
     # NULL rows are skipped: 40 rows of text, one NULL
     row = conn.execute(f"SELECT tokens FROM lora_train('lt_facts', adapter => 'nulls_ok', max_steps => 1, seq_len => 32, batch_size => 1)").fetchone()
     assert row[0] == 32
@@ -161,7 +172,16 @@ def test_permissions(conn, dsn, tables):
         assert_clean_error(u, "SELECT lora_export('owned', 'x')", "42501", "only superusers and members of lorag_admin")
         assert_clean_error(u, "SELECT lora_import('x', 'x')", "42501", "only superusers and members of lorag_admin")
         assert_clean_error(u, "SELECT lorag._adapter_write('x', '{}', '')", "42501", "permission denied for function")
-        assert_clean_error(u, "DELETE FROM lorag.adapters", "42501", "permission denied")
+        assert_clean_error(u, "SELECT lorag._hnsw_check('lt_facts_pkey')", "42501", "permission denied for function")
+        # row security: another role's adapters cannot be deleted or forged
+        u.execute("DELETE FROM lorag.adapters")
+        assert conn.execute("SELECT count(*) FROM lorag.adapters WHERE name = 'owned'").fetchone()[0] == 1
+        assert_clean_error(u, "INSERT INTO lorag.adapters (name, base_model, config, weights, created_by) "
+                              "SELECT 'forged', base_model, config, weights, 'postgres' FROM lorag.adapters WHERE name = 'owned'",
+                           "42501", "row-level security")
+        assert_clean_error(u, "INSERT INTO lorag.adapters (name, base_model, config, weights, weights_sha256) "
+                              "SELECT 'forged', base_model, config, '\\x00', weights_sha256 FROM lorag.adapters WHERE name = 'owned'",
+                           "428C9", "weights_sha256")
         assert_clean_error(u, f"SELECT * FROM lora_train('lt_mine', adapter => 'owned', replace => true, {SMALL})", "42501", "belongs to postgres")
         # a table the user may read: trains, saves as the user, and the user may drop it
         u.execute("SELECT lora_drop('mine', if_exists => true)")
@@ -182,6 +202,16 @@ def test_permissions(conn, dsn, tables):
     conn.execute("DROP TABLE lt_mine")
     conn.execute("DROP OWNED BY lt_user")
     conn.execute("DROP ROLE lt_user")
+
+
+def test_a_caught_error_leaves_no_job(conn, tables):
+    # the source fails half-way through (after the job opened in the model worker)
+    conn.execute("CREATE OR REPLACE VIEW lt_bad AS SELECT CASE WHEN id = 30 THEN (1 / (id - 30))::text ELSE body END AS body FROM lt_facts")
+    conn.execute("""DO $$ BEGIN
+        PERFORM * FROM lora_train('lt_bad', adapter => 'caught', seq_len => 32, batch_size => 2, max_steps => 2);
+    EXCEPTION WHEN division_by_zero THEN NULL; END $$""")
+    assert conn.execute("SELECT count(*) FROM lorag.training_progress").fetchone()[0] == 0
+    assert conn.execute("SELECT generate('hi', max_tokens => 2)").fetchone()[0] is not None
 
 
 def test_two_sessions_cannot_train_one_name(conn, dsn, tables):

@@ -153,6 +153,12 @@ impl Default for TrainConfig {
 
 pub const MAX_SEQ_LEN: usize = 8192;
 pub const MAX_BATCH: usize = 256;
+/// Tokens in one optimiser step (batch_size · seq_len): the logits and their gradient alone
+/// take 8 bytes per token per vocabulary entry (≈ 3 GB at 8192 tokens for a 49k vocabulary).
+pub const MAX_STEP_TOKENS: usize = 8192;
+/// batch_size · seq_len², bounding the attention scores kept for the backward pass (per layer
+/// and head: batch_size · seq_len² floats; ≈ 4.5 GB over SmolLM2's 30 layers at this bound).
+pub const MAX_STEP_ATTENTION: usize = 1 << 21;
 
 impl TrainConfig {
     /// Checks the ranges; `context` is the base model's context window.
@@ -173,6 +179,13 @@ impl TrainConfig {
         }
         if self.batch_size == 0 || self.batch_size > MAX_BATCH {
             return bad(format!("batch_size must be between 1 and {MAX_BATCH}, got {}", self.batch_size));
+        }
+        let tokens = self.batch_size * self.seq_len;
+        if tokens > MAX_STEP_TOKENS || self.batch_size * self.seq_len * self.seq_len > MAX_STEP_ATTENTION {
+            return bad(format!(
+                "batch_size {} × seq_len {} needs more memory per step than lorag allows (at most {MAX_STEP_TOKENS} tokens per step, and batch_size · seq_len² at most {MAX_STEP_ATTENTION}); lower batch_size or seq_len",
+                self.batch_size, self.seq_len
+            ));
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return bad(format!("warmup_ratio must be in [0, 1), got {}", self.warmup_ratio));
@@ -238,6 +251,10 @@ mod tests {
         assert!(TrainConfig { seq_len: 1, ..t.clone() }.validate(2048).is_err());
         assert!(TrainConfig { seq_len: 4096, ..t.clone() }.validate(2048).is_err());
         assert!(TrainConfig { learning_rate: 0.0, ..t.clone() }.validate(2048).is_err());
-        assert!(TrainConfig { batch_size: 0, ..t }.validate(2048).is_err());
+        assert!(TrainConfig { batch_size: 0, ..t.clone() }.validate(2048).is_err());
+        assert!(TrainConfig { batch_size: 32, seq_len: 512, ..t.clone() }.validate(8192).is_err());
+        assert!(TrainConfig { batch_size: 1, seq_len: 2048, ..t.clone() }.validate(8192).is_err());
+        assert!(TrainConfig { batch_size: 8, seq_len: 256, ..t.clone() }.validate(8192).is_ok());
+        assert!(TrainConfig { batch_size: 2, seq_len: 1024, ..t }.validate(8192).is_ok());
     }
 }

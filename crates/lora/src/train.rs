@@ -169,13 +169,17 @@ impl<M: CausalLm> Trainer<M> {
             }
             self.pending.extend_from_slice(row);
             self.pending.push(end);
-            while self.pending.len() >= self.train.seq_len {
-                let rest = self.pending.split_off(self.train.seq_len);
-                self.blocks.push(std::mem::replace(&mut self.pending, rest));
+            // whole blocks off the front (one pass, however long the row), training as the window fills
+            let full = self.pending.len() / self.train.seq_len * self.train.seq_len;
+            let mut taken = 0;
+            while taken < full && !self.progress.done {
+                self.blocks.push(self.pending[taken..taken + self.train.seq_len].to_vec());
+                taken += self.train.seq_len;
+                while self.blocks.len() >= SHUFFLE_BLOCKS.max(self.train.batch_size) && !self.progress.done {
+                    self.step(keep_going)?;
+                }
             }
-            while self.blocks.len() >= SHUFFLE_BLOCKS.max(self.train.batch_size) && !self.progress.done {
-                self.step(keep_going)?;
-            }
+            self.pending.drain(..taken);
         }
         Ok(())
     }

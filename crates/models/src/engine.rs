@@ -100,7 +100,10 @@ impl Engine {
     /// weights, so another checksum: it is parsed anew, never served stale.
     pub fn adapter(&mut self, req: &GenerateRequest, generator: &Generator) -> Result<Option<Arc<Adapter>>, ModelError> {
         let Some(payload) = &req.adapter else { return Ok(None) };
-        let key = (req.model.key(), payload.sha256.clone());
+        // the weights' checksum (computed by PostgreSQL from the stored bytes) and the config
+        // (the same weights at another alpha are another adapter)
+        let config = serde_json::to_string(&payload.config).expect("a config serialises");
+        let key = (req.model.key(), format!("{}:{config}", payload.sha256));
         if let Some(a) = self.adapters.get(&key) {
             return Ok(Some(a.clone()));
         }

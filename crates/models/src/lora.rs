@@ -184,7 +184,9 @@ impl Job {
                     }
                     State::Score { adapter, seq_len, nll, tokens: scored } => {
                         for row in &tokens {
-                            let (n, t) = score(&self.generator, adapter.as_ref(), row, *seq_len)?;
+                            let (n, t) = score(&self.generator, adapter.as_ref(), row, *seq_len, &mut || {
+                                keep_going(&Progress { tokens: *scored, ..Progress::default() })
+                            })?;
                             *nll += n;
                             *scored += t;
                         }
@@ -210,7 +212,14 @@ impl Job {
 
 /// Summed next-token loss of one row and the number of tokens it predicts: the row follows the
 /// end token (so its first token is predicted too), in windows of `seq_len`, each window alone.
-fn score(generator: &Generator, adapter: Option<&Adapter>, row: &[u32], seq_len: usize) -> Result<(f64, u64), ModelError> {
+/// `keep_going` is asked before every window; `false` stops (query cancel).
+fn score(
+    generator: &Generator,
+    adapter: Option<&Adapter>,
+    row: &[u32],
+    seq_len: usize,
+    keep_going: &mut dyn FnMut() -> bool,
+) -> Result<(f64, u64), ModelError> {
     let mut ids = Vec::with_capacity(row.len() + 1);
     ids.push(generator.end_token);
     ids.extend_from_slice(row);
@@ -218,6 +227,9 @@ fn score(generator: &Generator, adapter: Option<&Adapter>, row: &[u32], seq_len:
     let mut count = 0u64;
     let mut start = 0;
     while start + 1 < ids.len() {
+        if !keep_going() {
+            return Err(LoraError::Cancelled.into());
+        }
         let end = (start + seq_len).min(ids.len());
         let window = Tensor::new(&ids[start..end], &generator.device())?.unsqueeze(0)?;
         let predicted = (end - start - 1) as u64;

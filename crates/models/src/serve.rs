@@ -105,8 +105,11 @@ struct Shared {
 fn send(reply: &Reply, response: &Response) {
     let frame = encode(response);
     let mut stream = reply.lock().unwrap_or_else(|p| p.into_inner());
-    // A backend that went away is not an error here: its reader drops its requests.
-    let _ = stream.write_all(&frame);
+    // A backend that went away is not an error here: its reader drops its requests. A write that
+    // failed part-way (timeout) would leave half a frame: the connection is closed instead.
+    if stream.write_all(&frame).is_err() {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 impl Shared {
@@ -152,7 +155,10 @@ impl Shared {
                 if let Some(s) = self.trainings.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&conn) {
                     s.progress = p.clone();
                 }
-                send(reply, &Response::Progress(p.clone()));
+                // training reports every step; scoring only asks whether to go on
+                if p.total_steps > 0 {
+                    send(reply, &Response::Progress(p.clone()));
+                }
                 !peer_closed(fd)
             })
         })
