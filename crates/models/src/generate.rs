@@ -166,7 +166,7 @@ impl Llama {
     /// `x`), never in the frozen weights.
     fn project(&self, li: usize, m: usize, x: &Tensor, segments: &[Segment]) -> candle_core::Result<Tensor> {
         let lin = &self.layers[li].lin[m];
-        let mut y = lorag_lora::frozen::frozen_matmul(x, lin.weight())?;
+        let mut y = linear(x, lin.weight())?;
         if let Some(b) = lin.bias() {
             y = y.broadcast_add(b)?;
         }
@@ -200,39 +200,52 @@ impl Llama {
             first += t.len();
         }
         let mut x = self.embed.forward(&Tensor::new(all.as_slice(), device)?)?; // (T, hidden)
+        let rows = all.len();
+        // every new token's own position, for its rotation
+        let positions: Vec<u32> =
+            batch.iter().flat_map(|(t, c, _)| (c.position..c.position + t.len()).map(|p| p as u32)).collect();
+        let positions = Tensor::new(positions.as_slice(), device)?;
+        let (cos, sin) = (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let rep = self.heads / self.kv_heads;
+        let hd = self.head_dim;
+        // (T, heads·hd) → (1, heads, T, hd): all streams' tokens in one layout, one rotation
+        let heads_first = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            t.reshape((rows, heads, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.ln1.forward(&x)?;
-            let (q, k, v) = (self.project(li, Q, &h, &segments)?, self.project(li, K, &h, &segments)?, self.project(li, V, &h, &segments)?);
+            let q = (candle_nn::rotary_emb::rope(&heads_first(self.project(li, Q, &h, &segments)?, self.heads)?, &cos, &sin)? * scale)?;
+            let k = candle_nn::rotary_emb::rope(&heads_first(self.project(li, K, &h, &segments)?, self.kv_heads)?, &cos, &sin)?;
+            let v = heads_first(self.project(li, V, &h, &segments)?, self.kv_heads)?;
             let mut outs = Vec::with_capacity(batch.len());
             let mut offset = 0;
             for (tokens, cache, _) in batch.iter_mut() {
                 let n = tokens.len();
                 let pos = cache.position;
-                let split = |t: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
-                    t.narrow(0, offset, n)?.reshape((n, heads, self.head_dim))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)
-                };
-                let (cos, sin) = (self.cos.narrow(0, pos, n)?, self.sin.narrow(0, pos, n)?);
-                let qi = candle_nn::rotary_emb::rope(&split(&q, self.heads)?, &cos, &sin)?;
-                let ki = candle_nn::rotary_emb::rope(&split(&k, self.kv_heads)?, &cos, &sin)?;
-                let vi = split(&v, self.kv_heads)?;
+                let (ki, vi) = (k.narrow(2, offset, n)?, v.narrow(2, offset, n)?);
                 if cache.layers.len() < self.layers.len() {
                     cache.layers.resize_with(self.layers.len(), || None);
                 }
                 let (kc, vc) = match cache.layers[li].take() {
                     Some((kp, vp)) => (Tensor::cat(&[&kp, &ki], 2)?, Tensor::cat(&[&vp, &vi], 2)?),
-                    None => (ki, vi),
+                    None => (ki.contiguous()?, vi.contiguous()?),
                 };
                 cache.layers[li] = Some((kc.clone(), vc.clone()));
-                let rep = self.heads / self.kv_heads;
-                let kr = candle_transformers::utils::repeat_kv(kc, rep)?.contiguous()?;
-                let vr = candle_transformers::utils::repeat_kv(vc, rep)?.contiguous()?;
-                let mut att = (qi.matmul(&kr.t()?)? * scale)?; // (1, heads, n, pos + n)
+                // Grouped-query attention without copying the cache per query head: the `rep`
+                // query heads that share a key/value head are rows of one product with it.
+                let qi = q.narrow(2, offset, n)?.reshape((self.kv_heads, rep * n, hd))?;
+                let total = pos + n;
+                let mut att = qi.matmul(&kc.squeeze(0)?.t()?)?; // (kv_heads, rep·n, total)
                 if n > 1 {
-                    att = att.broadcast_add(&causal_mask(n, pos, device)?)?;
+                    att = att.reshape((self.kv_heads, rep, n, total))?.broadcast_add(&causal_mask(n, pos, device)?)?.reshape((
+                        self.kv_heads,
+                        rep * n,
+                        total,
+                    ))?;
                 }
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let o = att.matmul(&vr)?.squeeze(0)?.transpose(0, 1)?.reshape((n, self.heads * self.head_dim))?;
+                let o = att.matmul(&vc.squeeze(0)?)?.reshape((self.heads, n, hd))?.transpose(0, 1)?.reshape((n, self.heads * hd))?;
                 outs.push(o);
                 offset += n;
             }
@@ -250,7 +263,7 @@ impl Llama {
             cache.position += tokens.len();
         }
         let x = x.index_select(&Tensor::new(last.as_slice(), device)?, 0)?;
-        self.lm_head.forward(&self.norm.forward(&x)?)
+        linear(&self.norm.forward(&x)?, self.lm_head.weight())
     }
 
     /// Logits of every position of token blocks (blocks, positions) → (blocks, positions, vocab),
@@ -289,6 +302,93 @@ impl Llama {
         let x = lorag_lora::ops::rms_norm(&x, &self.norm_w, eps)?;
         lorag_lora::frozen::frozen_matmul(&x, self.lm_head.weight())?.reshape((b, l, self.config.vocab_size))
     }
+}
+
+/// Rows up to which [`few_rows_matmul`] beats candle's general matmul.
+const FEW_ROWS: usize = 8;
+
+/// `x · Wᵀ` for a frozen `weight` (out × in): few rows (decoding steps) by [`few_rows_matmul`],
+/// the rest (prompts, training) by the frozen-weight matmul.
+fn linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, _) = x.dims2()?;
+    if rows <= FEW_ROWS && !x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 && weight.is_contiguous() {
+        return few_rows_matmul(x, weight);
+    }
+    lorag_lora::frozen::frozen_matmul(x, weight)
+}
+
+/// `x · Wᵀ` for a few rows of `x`: every weight row is read once and multiplied into each row
+/// of `x` ([`row_dots`], weight rows split over the cores). Decoding is bound by reading the
+/// weights, and candle's matmul packs them for more than one row, which makes 4 rows cost 3× one
+/// row; here 4 streams cost about what one does.
+fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let (m, k) = x.dims2()?;
+    let (n, wk) = weight.dims2()?;
+    if k != wk {
+        candle_core::bail!("few_rows_matmul: {m}×{k} times ({n}×{wk})ᵀ");
+    }
+    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let (guard, layout) = weight.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*guard else { candle_core::bail!("few_rows_matmul: weight not on the CPU") };
+    let w = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * k];
+    // out_t[o·m + r] = x_r · w_o, weight rows in chunks across the cores
+    const CHUNK: usize = 256;
+    let mut out_t = vec![0f32; n * m];
+    let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
+    out_t.par_chunks_mut(CHUNK * m).enumerate().for_each(|(c, out)| {
+        for (j, o) in out.chunks_mut(m).enumerate() {
+            let row = &w[(c * CHUNK + j) * k..(c * CHUNK + j + 1) * k];
+            if avx512 {
+                // Safety: the CPU has AVX-512F and FMA (checked above).
+                unsafe { row_dots_avx512(&xs, row, o) }
+            } else {
+                row_dots(&xs, row, o)
+            }
+        }
+    });
+    drop(guard);
+    let mut out = vec![0f32; m * n];
+    for (o, vals) in out_t.chunks(m).enumerate() {
+        for (r, v) in vals.iter().enumerate() {
+            out[r * n + o] = *v;
+        }
+    }
+    Tensor::from_vec(out, (m, n), x.device())
+}
+
+/// `out[r] = x_r · row` for the rows of `xs` (out.len() rows of row.len()): the weight row is
+/// loaded once per 16 values and multiplied into every input row (16 lanes per row, summed at
+/// the end; the same order for every row count, so a stream decodes alike alone or batched).
+#[inline(always)]
+fn row_dots(xs: &[f32], row: &[f32], out: &mut [f32]) {
+    let k = row.len();
+    let mut acc = [[0f32; 16]; FEW_ROWS];
+    let whole = k / 16 * 16;
+    for i in (0..whole).step_by(16) {
+        let wc: &[f32; 16] = row[i..i + 16].try_into().expect("16 values");
+        for (r, a) in acc.iter_mut().enumerate().take(out.len()) {
+            let xc: &[f32; 16] = xs[r * k + i..r * k + i + 16].try_into().expect("16 values");
+            for l in 0..16 {
+                a[l] = xc[l].mul_add(wc[l], a[l]);
+            }
+        }
+    }
+    for (r, v) in out.iter_mut().enumerate() {
+        let mut sum = acc[r].iter().sum::<f32>();
+        for i in whole..k {
+            sum = xs[r * k + i].mul_add(row[i], sum);
+        }
+        *v = sum;
+    }
+}
+
+/// [`row_dots`] compiled for AVX-512 (its 16-lane loop becomes one fused multiply-add).
+///
+/// Safety: the CPU must have AVX-512F and FMA.
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn row_dots_avx512(xs: &[f32], row: &[f32], out: &mut [f32]) {
+    row_dots(xs, row, out)
 }
 
 /// The additive causal mask of `n` new positions after `past` cached ones: (n, past + n).
