@@ -31,6 +31,15 @@ def conn(dsn):
         yield c
 
 
+@pytest.fixture(params=["worker", "in-backend"])
+def mconn(conn, request):
+    """A test of model work runs twice: through the shared model worker (the test server preloads
+    lorag), and inside the backend with the worker switched off for the session."""
+    if request.param == "in-backend":
+        conn.execute("SET lorag.use_worker = off")
+    return conn
+
+
 def assert_clean_error(conn, sql, sqlstate, message):
     """`sql` fails with `sqlstate` and `message`, without a Rust backtrace, and the session lives on."""
     with pytest.raises(psycopg.Error) as err:

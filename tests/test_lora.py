@@ -36,13 +36,6 @@ def tables(dsn):
     return "lt_facts"
 
 
-@pytest.fixture(params=["worker", "in-backend"])
-def mconn(conn, request):
-    if request.param == "in-backend":
-        conn.execute("SET lorag.use_worker = off")
-    return conn
-
-
 def ppl(conn, table, adapter=None):
     return conn.execute("SELECT perplexity(%s::regclass, adapter => %s, seq_len => 64)", (table, adapter)).fetchone()[0]
 

@@ -19,14 +19,11 @@ def as_np(v):
     return v.to_numpy() if hasattr(v, "to_numpy") else np.asarray(v)
 
 
-@pytest.fixture(params=["worker", "in-backend"])
-def vconn(conn, request):
-    """Each model test runs twice: through the shared model worker (the test server preloads
-    lorag), and inside the backend with the worker switched off for the session."""
-    register_vector(conn)
-    if request.param == "in-backend":
-        conn.execute("SET lorag.use_worker = off")
-    return conn
+@pytest.fixture
+def vconn(mconn):
+    """Each model test runs twice (conftest's mconn), with pgvector-python's types registered."""
+    register_vector(mconn)
+    return mconn
 
 
 def emb(conn, text, model=None):

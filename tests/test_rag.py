@@ -29,13 +29,6 @@ def docs(dsn):
     return "rag_docs"
 
 
-@pytest.fixture(params=["worker", "in-backend"])
-def mconn(conn, request):
-    if request.param == "in-backend":
-        conn.execute("SET lorag.use_worker = off")
-    return conn
-
-
 def test_generate_answers_greedily_and_repeats_with_a_seed(mconn):
     assert mconn.execute("SELECT generate('What is the capital of France?')").fetchone()[0] == "The capital of France is Paris."
     a = mconn.execute("SELECT generate('Name a colour.', max_tokens => 12, temperature => 0.9, seed => 5)").fetchone()[0]
