@@ -9,7 +9,7 @@
 
 use lorag_lora::train::{CausalLm, Trainer};
 use lorag_lora::{LoraConfig, TrainConfig};
-use lorag_models::candle_core::{DType, Device, Tensor};
+use lorag_models::candle_core::{Device, Tensor};
 use lorag_models::generate::Generator;
 use std::path::Path;
 use std::sync::Arc;
@@ -70,5 +70,4 @@ fn main() {
     println!("model FLOPs per token {:.2} GFLOP → {:.1} GFLOP/s achieved", flops_per_token / 1e9, achieved / 1e9);
     println!("MFU: {:.1} % of the matmul peak (aim ≥ 25 %)", 100.0 * achieved / peak);
     println!("trainable parameters {} of {} ({:.3} %)", t.trainable_parameters(), gen.parameters(), 100.0 * t.trainable_parameters() as f64 / gen.parameters() as f64);
-    let _ = DType::F32;
 }
