@@ -8,7 +8,7 @@ PG := scripts/pg.sh
 PGENV = eval "$$($(PG) env)"
 PGRX_TEST_DATA := $(CURDIR)/target/pgrx-test-pgdata
 
-.PHONY: demo test setup models install install-debug start stop psql unit pgtest sqltest bench bench-hnsw bench-embed bench-rag bench-lora
+.PHONY: demo test setup models install install-debug start stop psql unit pgtest sqltest bench bench-hnsw bench-embed bench-rag bench-lora bench-rerank
 
 demo: setup models install start
 	$(PGENV) && $(PG) psql -f examples/demo.sql
@@ -63,6 +63,9 @@ bench-embed: models install start
 bench-lora: models install start
 	cargo bench -p lorag-models --bench lora_train
 	$(PGENV) && .venv/bin/python benches/lora_evidence.py
+
+bench-rerank: models install start
+	$(PGENV) && .venv/bin/pip install -q onnxruntime==1.32.0 tokenizers && .venv/bin/python benches/rerank_bench.py
 
 bench-rag: models install start
 	$(PGENV) && .venv/bin/python benches/rag_bench.py

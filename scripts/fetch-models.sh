@@ -92,7 +92,57 @@ fetch_smollm2() {
     echo "SmolLM2-135M-Instruct: ok ($dest)"
 }
 
+ORT_VERSION=1.32.0
+
+# ONNX Runtime's shared library, which rerankers run on (lorag.onnxruntime_library): the
+# library inside the CPU wheel of onnxruntime from PyPI (it does not depend on Python).
+fetch_onnxruntime() {
+    local dest="$DIR/onnxruntime"
+    local lib="$dest/libonnxruntime.so.$ORT_VERSION"
+    if [ -f "$lib" ]; then
+        echo "onnxruntime $ORT_VERSION: present"
+        return
+    fi
+    mkdir -p "$dest"
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --disable-pip-version-check "onnxruntime==$ORT_VERSION" -d "$WORK"
+    "$PY" - "$WORK"/onnxruntime-"$ORT_VERSION"-*.whl "$dest" <<'PYEOF'
+import os, sys, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        base = os.path.basename(name)
+        if name.startswith("onnxruntime/capi/") and base.startswith("libonnxruntime"):
+            with z.open(name) as src, open(os.path.join(dest, base), "wb") as out:
+                out.write(src.read())
+PYEOF
+    [ -f "$lib" ] || { echo "onnxruntime: $lib not found in the wheel" >&2; exit 1; }
+    echo "onnxruntime $ORT_VERSION: ok ($lib)"
+}
+
+# The default reranker: no cross-encoder ships in any registry package, so lorag trains its own
+# (lorag-train-reranker, Rust): the MiniLM encoder fine-tuned as a cross-encoder on Cranfield
+# queries 1-150 (../shared/data), exported to ONNX; it prints nDCG@10 on queries 151-225.
+train_reranker() {
+    local dest="$DIR/minilm-reranker"
+    local data="${LORAG_DATA_DIR:-$ROOT/../shared/data}/cranfield/beir"
+    if [ -f "$dest/model.onnx" ] && [ -f "$dest/.complete" ]; then
+        echo "minilm-reranker: present"
+        return
+    fi
+    if [ ! -f "$data/corpus.jsonl" ]; then
+        echo "minilm-reranker: Cranfield not found at $data (set LORAG_DATA_DIR): no default reranker, rerank() needs a registered one" >&2
+        return
+    fi
+    echo "minilm-reranker: training a cross-encoder on Cranfield queries 1-150 (a few minutes)"
+    (cd "$ROOT" && cargo run -q -p lorag-models --bin lorag-train-reranker -- \
+        "$DIR/all-MiniLM-L6-v2" "$data" "$dest")
+    touch "$dest/.complete"
+    echo "minilm-reranker: ok ($dest)"
+}
+
 fetch_minilm
 fetch_smollm2
+fetch_onnxruntime
+train_reranker
 chmod -R a+rX "$DIR"
-echo "models in $DIR; set lorag.model_dir = '$DIR'"
+echo "models in $DIR; set lorag.model_dir = '$DIR' and lorag.onnxruntime_library = '$DIR/onnxruntime/libonnxruntime.so.$ORT_VERSION'"

@@ -45,10 +45,14 @@ shared_buffers = 512MB
 maintenance_work_mem = 1GB
 max_parallel_maintenance_workers = 1
 lorag.model_dir = '$ROOT/models'
+lorag.onnxruntime_library = '$ROOT/models/onnxruntime/libonnxruntime.so.1.32.0'
 # one model worker for the whole server (lorag works without it, each connection loading its own models)
 shared_preload_libraries = 'lorag'
 CONF
     fi
+    # (data directories made before rerankers existed lack this line)
+    grep -q '^lorag.onnxruntime_library' "$PGDATA/postgresql.conf" ||
+        echo "lorag.onnxruntime_library = '$ROOT/models/onnxruntime/libonnxruntime.so.1.32.0'" >>"$PGDATA/postgresql.conf"
     [ -d "$ROOT/models" ] && [ "$(id -u)" = 0 ] && make_reachable "$ROOT/models"
     if ! as_owner "$BINDIR/pg_ctl" -D "$PGDATA" status >/dev/null 2>&1; then
         # Rust backtraces belong in a debugger, not in users' error DETAILs.

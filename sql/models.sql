@@ -10,13 +10,16 @@ CREATE TABLE lorag.models (
 );
 -- every role may see (and use) the registered models; registering is for superusers
 GRANT SELECT ON lorag.models TO PUBLIC;
-SELECT pg_catalog.pg_extension_config_dump('lorag.models', 'WHERE name NOT IN (''all-MiniLM-L6-v2'', ''SmolLM2-135M-Instruct'')');
+SELECT pg_catalog.pg_extension_config_dump('lorag.models', 'WHERE name NOT IN (''all-MiniLM-L6-v2'', ''SmolLM2-135M-Instruct'', ''minilm-reranker'')');
 
 INSERT INTO lorag.models (name, kind, path, dimensions, checksum) VALUES
     ('all-MiniLM-L6-v2', 'embedding', 'all-MiniLM-L6-v2', 384,
      '53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db'),
     -- built by make models from the GGUF (or fetched from the Hub), so no fixed checksum
-    ('SmolLM2-135M-Instruct', 'generator', 'SmolLM2-135M-Instruct', NULL, NULL);
+    ('SmolLM2-135M-Instruct', 'generator', 'SmolLM2-135M-Instruct', NULL, NULL),
+    -- trained by make models (lorag-train-reranker: MiniLM fine-tuned as a cross-encoder on
+    -- Cranfield queries 1-150), so no fixed checksum either
+    ('minilm-reranker', 'reranker', 'minilm-reranker', NULL, NULL);
 
 -- lorag_admin: the role for what touches the server's file system (model paths, adapter
 -- export/import) without being a superuser.
@@ -75,13 +78,27 @@ CREATE FUNCTION lorag._worker_status() RETURNS text[]
     AS 'MODULE_PATHNAME', 'lorag_worker_status' LANGUAGE C VOLATILE;
 -- mode: the shared worker or in-backend; pid: the process that runs the models; batches and
 -- batched_texts: embedding passes run and the texts in them (their ratio is the mean batch);
--- decode_steps and decoded_streams: the same for generation steps.
+-- decode_steps and decoded_streams: the same for generation steps; rerankers: the loaded
+-- cross-encoders with the ONNX Runtime execution provider each really runs on.
 CREATE FUNCTION lorag.worker_status(OUT mode text, OUT device text, OUT loaded_models text[],
                                     OUT memory_bytes bigint, OUT queue_depth integer, OUT requests_served bigint,
                                     OUT pid integer, OUT batches bigint, OUT batched_texts bigint,
-                                    OUT decode_steps bigint, OUT decoded_streams bigint)
+                                    OUT decode_steps bigint, OUT decoded_streams bigint, OUT rerankers text[])
 LANGUAGE sql VOLATILE AS $$
     SELECT s[1], s[2], string_to_array(nullif(s[3], ''), ','), s[4]::bigint, s[5]::integer, s[6]::bigint,
-           s[7]::integer, s[8]::bigint, s[9]::bigint, s[10]::bigint, s[11]::bigint
+           s[7]::integer, s[8]::bigint, s[9]::bigint, s[10]::bigint, s[11]::bigint,
+           string_to_array(nullif(s[12], ''), ',')
     FROM lorag._worker_status() AS s
+$$;
+
+-- Cross-encoder reranking: one row per non-NULL document, best first; idx is the document's
+-- subscript in the array (1-based), so documents[idx] is the document.
+CREATE FUNCTION lorag._rerank(query text, documents text[], model text) RETURNS real[]
+    AS 'MODULE_PATHNAME', 'lorag_rerank' LANGUAGE C STABLE PARALLEL RESTRICTED;
+CREATE FUNCTION rerank(query text, documents text[], model text DEFAULT NULL)
+RETURNS TABLE (idx integer, score real) LANGUAGE sql STABLE PARALLEL RESTRICTED AS $$
+    SELECT (s.i + coalesce(array_lower(documents, 1), 1) - 1)::integer, s.score
+    FROM unnest(lorag._rerank(query, documents, model)) WITH ORDINALITY AS s(score, i)
+    WHERE s.score IS NOT NULL
+    ORDER BY s.score DESC, s.i
 $$;

@@ -113,17 +113,54 @@ BEGIN
     USING q, candidates, k;
 END $$;
 
--- The rows an answer would use: key, text, cosine distance and rerank score (NULL: no
--- reranker is registered yet, so the k nearest rows are kept).
+-- Which reranker a RAG call uses: the one named, else lorag.reranker_model; none when rerank is
+-- false or the setting is empty.
+CREATE FUNCTION lorag._rag_reranker(rerank boolean, reranker text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN rerank IS DISTINCT FROM false
+                THEN coalesce(reranker, nullif(current_setting('lorag.reranker_model', true), '')) END
+$$;
+
+-- candidates (the search's rows, nearest first) rescored by the cross-encoder reranker against
+-- the question; the best k, ranked by that score.
+CREATE FUNCTION lorag._rag_rerank(question text, keys text[], contents text[], distances real[],
+                                  k integer, reranker text)
+RETURNS TABLE (rank integer, key text, content text, distance real, rerank_score real)
+LANGUAGE sql STABLE AS $$
+    SELECT (row_number() OVER (ORDER BY r.score DESC, r.idx))::integer, keys[r.idx], contents[r.idx],
+           distances[r.idx], r.score
+      FROM rerank(question, contents, reranker) r
+     ORDER BY r.score DESC, r.idx
+     LIMIT k
+$$;
+
+-- The rows an answer would use: key, text, cosine distance and rerank score. The vector search
+-- returns `candidates` rows, the cross-encoder reranker (lorag.reranker_model, or `reranker`)
+-- keeps the best k; with rerank => false (or no reranker set) the k nearest rows are kept and
+-- rerank_score is NULL.
 CREATE FUNCTION rag_retrieve(question text, source regclass, k integer DEFAULT 3, candidates integer DEFAULT 50,
                              text_column name DEFAULT NULL, vector_column name DEFAULT NULL,
-                             embedding_model text DEFAULT NULL)
+                             embedding_model text DEFAULT NULL, rerank boolean DEFAULT true,
+                             reranker text DEFAULT NULL)
 RETURNS TABLE (rank integer, key text, content text, distance real, rerank_score real)
 LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    model text := lorag._rag_reranker(rerank, reranker);
+    keys text[];
+    contents text[];
+    distances real[];
 BEGIN
     PERFORM lorag._rag_check(question, k, candidates);
-    RETURN QUERY SELECT * FROM lorag._rag_search(embed(question, embedding_model), source, k, candidates,
-                                                 text_column, vector_column);
+    IF model IS NULL THEN
+        RETURN QUERY SELECT * FROM lorag._rag_search(embed(question, embedding_model), source, k, candidates,
+                                                     text_column, vector_column);
+        RETURN;
+    END IF;
+    SELECT array_agg(s.key ORDER BY s.rank), array_agg(s.content ORDER BY s.rank), array_agg(s.distance ORDER BY s.rank)
+      INTO keys, contents, distances
+      FROM lorag._rag_search(embed(question, embedding_model), source, candidates, candidates,
+                             text_column, vector_column) s;
+    RETURN QUERY SELECT * FROM lorag._rag_rerank(question, keys, contents, distances, k, model);
 END $$;
 
 -- The answer, the sources it was given (rank, key, distance, text) and what each stage took.
@@ -132,34 +169,54 @@ CREATE FUNCTION rag_answer_with_sources(question text, source regclass, k intege
                                         max_tokens integer DEFAULT 256, temperature real DEFAULT 0,
                                         text_column name DEFAULT NULL, vector_column name DEFAULT NULL,
                                         model text DEFAULT NULL, embedding_model text DEFAULT NULL,
-                                        system text DEFAULT NULL)
+                                        system text DEFAULT NULL, rerank boolean DEFAULT true,
+                                        reranker text DEFAULT NULL)
 RETURNS TABLE (answer text, sources jsonb, timings jsonb)
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     t0 timestamptz;
     t1 timestamptz;
     t2 timestamptz;
+    t3 timestamptz;
     q vector;
     found jsonb;
     passages text[];
     g text[];
+    keys text[];
+    contents text[];
+    distances real[];
+    scores real[];
+    rr text := lorag._rag_reranker(rerank, reranker);
 BEGIN
     PERFORM lorag._rag_check(question, k, candidates);
     t0 := clock_timestamp();
     q := embed(question, embedding_model);
     t1 := clock_timestamp();
-    SELECT coalesce(jsonb_agg(jsonb_build_object('rank', r.rank, 'key', r.key, 'distance', r.distance,
-                                                 'rerank_score', r.rerank_score, 'content', r.content) ORDER BY r.rank), '[]'),
-           coalesce(array_agg(r.content ORDER BY r.rank), '{}')
-      INTO found, passages
-      FROM lorag._rag_search(q, source, k, candidates, text_column, vector_column) r;
+    -- the search keeps `candidates` rows for the reranker, else the k nearest
+    SELECT array_agg(s.key ORDER BY s.rank), array_agg(s.content ORDER BY s.rank), array_agg(s.distance ORDER BY s.rank)
+      INTO keys, contents, distances
+      FROM lorag._rag_search(q, source, CASE WHEN rr IS NULL THEN k ELSE candidates END, candidates,
+                             text_column, vector_column) s;
     t2 := clock_timestamp();
+    IF rr IS NOT NULL THEN
+        SELECT array_agg(r.key ORDER BY r.rank), array_agg(r.content ORDER BY r.rank),
+               array_agg(r.distance ORDER BY r.rank), array_agg(r.rerank_score ORDER BY r.rank)
+          INTO keys, contents, distances, scores
+          FROM lorag._rag_rerank(question, keys, contents, distances, k, rr) r;
+    END IF;
+    SELECT coalesce(jsonb_agg(jsonb_build_object('rank', i, 'key', keys[i], 'distance', distances[i],
+                                                 'rerank_score', scores[i], 'content', contents[i]) ORDER BY i), '[]'),
+           coalesce(array_agg(contents[i] ORDER BY i), '{}')
+      INTO found, passages
+      FROM generate_subscripts(keys, 1) i;
+    t3 := clock_timestamp();
     IF cardinality(passages) = 0 THEN
         RAISE NOTICE '% has no rows with both text and a vector: there is nothing to answer from', source;
         answer := format('I cannot answer: %s has no rows to answer from.', source);
         sources := found;
         timings := jsonb_build_object('embed_ms', round(extract(epoch FROM t1 - t0) * 1000, 1),
-                                      'search_ms', round(extract(epoch FROM t2 - t1) * 1000, 1));
+                                      'search_ms', round(extract(epoch FROM t2 - t1) * 1000, 1),
+                                      'rerank_ms', round(extract(epoch FROM t3 - t2) * 1000, 1));
         RETURN NEXT;
         RETURN;
     END IF;
@@ -173,20 +230,24 @@ BEGIN
     timings := jsonb_build_object(
         'embed_ms', round(extract(epoch FROM t1 - t0) * 1000, 1),
         'search_ms', round(extract(epoch FROM t2 - t1) * 1000, 1),
-        'generate_ms', round(extract(epoch FROM clock_timestamp() - t2) * 1000, 1),
+        'rerank_ms', CASE WHEN rr IS NOT NULL THEN round(extract(epoch FROM t3 - t2) * 1000, 1) END,
+        'reranker', rr,
+        'generate_ms', round(extract(epoch FROM clock_timestamp() - t3) * 1000, 1),
         'time_to_first_token_ms', g[6]::numeric,
         'prompt_tokens', g[2]::integer, 'generated_tokens', g[3]::integer, 'finish_reason', g[5]);
     RETURN NEXT;
 END $$;
 
--- rag_answer(question, source): embed the question, search source's vector column, put the
--- best k rows in the prompt, generate.
+-- rag_answer(question, source): embed the question, search source's vector column for
+-- `candidates` rows, rerank them with the cross-encoder, put the best k in the prompt, generate.
 CREATE FUNCTION rag_answer(question text, source regclass, k integer DEFAULT 3, adapter text DEFAULT NULL,
                            candidates integer DEFAULT 50, max_tokens integer DEFAULT 256,
                            temperature real DEFAULT 0, text_column name DEFAULT NULL,
                            vector_column name DEFAULT NULL, model text DEFAULT NULL,
-                           embedding_model text DEFAULT NULL, system text DEFAULT NULL)
+                           embedding_model text DEFAULT NULL, system text DEFAULT NULL,
+                           rerank boolean DEFAULT true, reranker text DEFAULT NULL)
 RETURNS text LANGUAGE sql VOLATILE AS $$
     SELECT answer FROM rag_answer_with_sources(question, source, k, adapter, candidates, max_tokens, temperature,
-                                               text_column, vector_column, model, embedding_model, system)
+                                               text_column, vector_column, model, embedding_model, system,
+                                               rerank, reranker)
 $$;

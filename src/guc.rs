@@ -13,8 +13,13 @@ pub static LORAG_EMBEDDING_MODEL: GucSetting<Option<CString>> = GucSetting::<Opt
 /// `lorag.generation_model`: the registered model `generate()` and `rag_answer()` use by default.
 pub static LORAG_GENERATION_MODEL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"SmolLM2-135M-Instruct"));
-/// `lorag.max_tokens`: the most tokens one `generate()` may ask for.
+/// `lorag.reranker_model`: the cross-encoder `rerank()` and `rag_retrieve()` use by default.
+pub static LORAG_RERANKER_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"minilm-reranker"));
+/// `lorag.onnxruntime_library`: the ONNX Runtime shared library rerankers run on.
+pub static LORAG_ONNXRUNTIME_LIBRARY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// `lorag.adapter_dir`: where `lora_export()` / `lora_import()` files live.
 pub static LORAG_ADAPTER_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// `lorag.max_tokens`: the most tokens one `generate()` may ask for.
 pub static LORAG_MAX_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
 /// `lorag.use_worker`: send model requests to the shared worker when lorag is preloaded.
@@ -95,6 +100,22 @@ pub fn init() {
         c"A name from lorag.models of kind generator.",
         &LORAG_GENERATION_MODEL,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"lorag.reranker_model",
+        c"The registered cross-encoder rerank() and rag_retrieve() use when none is named.",
+        c"A name from lorag.models of kind reranker; empty turns reranking in rag_retrieve() and rag_answer() off.",
+        &LORAG_RERANKER_MODEL,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"lorag.onnxruntime_library",
+        c"Absolute path of the ONNX Runtime shared library (libonnxruntime.so) that rerankers run on.",
+        c"make models puts the one of the onnxruntime 1.32 wheel under models/onnxruntime/. It is loaded once per process; only superusers may change it.",
+        &LORAG_ONNXRUNTIME_LIBRARY,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -14,6 +14,7 @@ mod guc;
 pub mod hnsw;
 mod lora;
 mod models;
+mod rerank;
 pub mod vector;
 mod worker;
 
@@ -22,6 +23,7 @@ pgrx::extension_sql_file!("../sql/hnsw.sql", name = "hnsw", requires = ["vector"
 pgrx::extension_sql_file!("../sql/models.sql", name = "models", requires = ["hnsw"]);
 pgrx::extension_sql_file!("../sql/rag.sql", name = "rag", requires = ["models"]);
 pgrx::extension_sql_file!("../sql/lora.sql", name = "lora", requires = ["rag"]);
+pgrx::extension_sql_file!("../sql/rerank.sql", name = "rerank", requires = ["lora"]);
 
 /// Runs when a process first loads lorag. Registers settings, index options and (under
 /// shared_preload_libraries) the model worker only: it never loads a model or starts a thread

@@ -8,7 +8,10 @@
 //! `chunk()` only needs the tokenizer and always runs here.
 
 use crate::fmgr::{arg_i32, arg_is_null, sql_function};
-use crate::guc::{LORAG_DEVICE, LORAG_EMBEDDING_MODEL, LORAG_GENERATION_MODEL, LORAG_MAX_TOKENS, LORAG_MODEL_DIR, LORAG_USE_WORKER};
+use crate::guc::{
+    LORAG_DEVICE, LORAG_EMBEDDING_MODEL, LORAG_GENERATION_MODEL, LORAG_MAX_TOKENS, LORAG_MODEL_DIR, LORAG_ONNXRUNTIME_LIBRARY,
+    LORAG_RERANKER_MODEL, LORAG_USE_WORKER,
+};
 use crate::worker;
 use lorag_models::engine::{Engine, ModelSpec, BATCH};
 use lorag_models::generate::{GenerateRequest, Generated};
@@ -56,6 +59,8 @@ pub(crate) fn raise(e: ModelError) -> ! {
         ModelError::Io { .. } => (PgSqlErrorCode::ERRCODE_IO_ERROR, None),
         ModelError::Tokenizer(_) | ModelError::Runtime(_) => (PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, None),
         ModelError::Invalid(_) => (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, None),
+        ModelError::Setup { hint, .. } => (PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, Some(hint.clone())),
+        ModelError::Unsuitable { hint, .. } => (PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, Some(hint.clone())),
         ModelError::WorkerDied(_) => (
             PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
             Some("The worker starts a new model process at once; run the statement again. The server log says why it ended (a crash, or the OOM killer).".into()),
@@ -81,7 +86,11 @@ fn registered_names() -> String {
 /// Looks a model up by name (the GUC's default when `None`) and resolves its folder.
 pub(crate) fn lookup(name: Option<String>, kind: &str) -> ModelSpec {
     let name = name.unwrap_or_else(|| {
-        let default = if kind == "generator" { &LORAG_GENERATION_MODEL } else { &LORAG_EMBEDDING_MODEL };
+        let default = match kind {
+            "generator" => &LORAG_GENERATION_MODEL,
+            "reranker" => &LORAG_RERANKER_MODEL,
+            _ => &LORAG_EMBEDDING_MODEL,
+        };
         default.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
     });
     let row: Option<(Option<String>, Option<String>, Option<String>)> = Spi::connect(|client| {
@@ -100,7 +109,7 @@ pub(crate) fn lookup(name: Option<String>, kind: &str) -> ModelSpec {
     if found_kind != kind {
         report(
             PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
-            format!("model \"{name}\" is registered as a {found_kind} model, but this call needs a {kind} model"),
+            format!("model \"{name}\" is registered as a model of kind {found_kind}, but this call needs a {kind} model"),
             Some(format!("Registered models: {}.", registered_names())),
         );
     }
@@ -355,6 +364,57 @@ sql_function!(lorag_generate, pg_finfo_lorag_generate, |fcinfo| {
     .expect("an array is never NULL")
 });
 
+/// Scores of `documents` against `query` with the reranker `spec`: in the shared worker, or
+/// here with a check for cancel between batches.
+pub(crate) fn rerank_scores(spec: ModelSpec, query: String, documents: Vec<String>) -> Vec<f32> {
+    if documents.is_empty() {
+        return Vec::new();
+    }
+    let n = documents.len();
+    let library = LORAG_ONNXRUNTIME_LIBRARY.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+    let scores = if worker::enabled() {
+        match worker::call(&Request::Rerank { model: spec, library, query, documents }) {
+            Response::Scores(s) if s.len() == n => s,
+            Response::Error(e) => raise(e),
+            other => raise(ModelError::Runtime(format!("unexpected answer from the model worker: {other:?}"))),
+        }
+    } else {
+        notice_in_backend();
+        let reranker = lorag_models::rerank::reranker(&spec, &library).unwrap_or_else(|e| raise(e));
+        let docs: Vec<&str> = documents.iter().map(String::as_str).collect();
+        reranker
+            .score(&query, &docs, &mut || {
+                pgrx::check_for_interrupts!();
+                true
+            })
+            .unwrap_or_else(|e| raise(e))
+    };
+    REQUESTS.fetch_add(1, Ordering::Relaxed);
+    scores
+}
+
+// lorag._rerank(query text, documents text[], model text) → real[] (NULL for NULL documents)
+sql_function!(lorag_rerank, pg_finfo_lorag_rerank, |fcinfo| {
+    let Some(query) = text_arg(fcinfo, 0) else {
+        // Safety: returning SQL NULL.
+        return unsafe { pgrx::fcinfo::pg_return_null(fcinfo) };
+    };
+    // Safety: argument 1 is text[] (or NULL).
+    let Some(documents) = (unsafe { pgrx::fcinfo::pg_getarg::<Vec<Option<String>>>(fcinfo, 1) }) else {
+        // Safety: returning SQL NULL.
+        return unsafe { pgrx::fcinfo::pg_return_null(fcinfo) };
+    };
+    let spec = lookup(text_arg(fcinfo, 2), "reranker");
+    let present: Vec<String> = documents.iter().flatten().cloned().collect();
+    let mut scores = rerank_scores(spec, query, present).into_iter();
+    let out: Vec<Option<f32>> = documents.iter().map(|d| d.as_ref().map(|_| scores.next().expect("one score per document"))).collect();
+    out.into_datum().expect("an array is never NULL")
+});
+
+fn rerankers_text(loaded: &[(String, String)]) -> String {
+    loaded.iter().map(|(name, provider)| format!("{name}: {provider}")).collect::<Vec<_>>().join(",")
+}
+
 // lorag._worker_status() → text[] (mode, device, models, memory, queue, requests, pid, batches,
 // batched texts, decoding steps, decoded streams)
 sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
@@ -374,6 +434,7 @@ sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
             Some(s.batched_texts.to_string()),
             Some(s.decode_steps.to_string()),
             Some(s.decoded_streams.to_string()),
+            Some(rerankers_text(&s.rerankers)),
         ]
     } else {
         let (device, models) = ENGINE.with(|e| {
@@ -397,6 +458,7 @@ sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
             None,
             None,
             None,
+            Some(rerankers_text(&lorag_models::rerank::loaded())),
         ]
     };
     fields.into_datum().expect("an array is never NULL")

@@ -122,7 +122,7 @@ def test_bad_training_input(conn, tables):
     assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', batch_size => 0)", "22023", "batch_size must be between")
     assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', epochs => 0)", "22023", "epochs must be between")
     assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', base_model => 'nope')", "42704", 'model "nope" is not registered')
-    assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', base_model => 'all-MiniLM-L6-v2')", "42809", "registered as a embedding model")
+    assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', base_model => 'all-MiniLM-L6-v2')", "42809", "registered as a model of kind embedding")
     assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', seq_len => 1024, batch_size => 1, max_steps => 1)", "22023", "fewer than one block")
     assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', seq_len => 1024, batch_size => 64)", "22023", "needs more memory per step")
     assert_clean_error(conn, "SELECT * FROM lora_train('lt_facts', target_modules => NULL)", "22004", "must not be NULL")

@@ -65,6 +65,26 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     )
 }
 
+/// Layer normalisation over the last dimension without the affine part: (x − mean) / σ.
+pub fn normalize(x: &Tensor, eps: f32) -> Result<Tensor> {
+    let n = x.dim(D::Minus1)?;
+    let ones = Tensor::ones(n, x.dtype(), x.device())?;
+    let zeros = Tensor::zeros(n, x.dtype(), x.device())?;
+    with_grad(
+        x,
+        "normalize",
+        Box::new(move |x| candle_nn::ops::layer_norm(&x.contiguous()?, &ones, &zeros, eps)),
+        Box::new(move |x, y, g| {
+            // dx = (g − mean(g) − y·mean(g·y)) / σ
+            let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+            let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
+            let gm = g.mean_keepdim(D::Minus1)?;
+            let gy = (g * y)?.mean_keepdim(D::Minus1)?;
+            g.broadcast_sub(&gm)?.sub(&y.broadcast_mul(&gy)?)?.broadcast_mul(&r)
+        }),
+    )
+}
+
 /// Softmax over the last dimension.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     with_grad(
@@ -177,6 +197,10 @@ mod tests {
             (Box::new(|x| rms_norm(x, &w, 1e-5).unwrap()), Box::new(|x| candle_nn::ops::rms_norm_slow(x, &w, 1e-5).unwrap())),
             (Box::new(|x| softmax(x).unwrap()), Box::new(|x| candle_nn::ops::softmax(x, D::Minus1).unwrap())),
             (Box::new(|x| rope(x, &cos, &sin).unwrap()), Box::new(|x| candle_nn::rotary_emb::rope_slow(x, &cos, &sin).unwrap())),
+            (Box::new(|x| normalize(x, 1e-5).unwrap()), Box::new(|x| {
+                let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap()).unwrap();
+                xc.broadcast_div(&(xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap()).unwrap()
+            })),
         ];
         for (fast, slow) in cases {
             let (a, b) = (fast(&x), slow(&x));

@@ -22,6 +22,11 @@ pub enum ModelError {
     Invalid(String),
     /// The model process ended (crash, OOM kill) while it held this request.
     WorkerDied(String),
+    /// Something the server needs is not set up (e.g. the ONNX Runtime library).
+    Setup { detail: String, hint: String },
+    /// The file is a model, but not of the kind asked for (e.g. an ONNX file that is not a
+    /// cross-encoder).
+    Unsuitable { detail: String, hint: String },
 }
 
 impl ModelError {
@@ -55,6 +60,7 @@ impl fmt::Display for ModelError {
             ModelError::Runtime(d) => write!(f, "model runtime failed: {d}"),
             ModelError::Invalid(d) => write!(f, "{d}"),
             ModelError::WorkerDied(d) => write!(f, "the lorag model process ended while running this request: {d}"),
+            ModelError::Setup { detail, .. } | ModelError::Unsuitable { detail, .. } => f.write_str(detail),
         }
     }
 }

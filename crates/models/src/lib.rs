@@ -6,6 +6,7 @@
 //! and a hint at its SQL boundary.
 
 pub mod chunk;
+pub mod cross;
 pub mod device;
 pub mod embed;
 pub mod engine;
@@ -13,6 +14,8 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod lora;
+pub mod onnx;
+pub mod rerank;
 pub mod protocol;
 pub mod serve;
 

@@ -23,6 +23,10 @@ pub enum Request {
     Generate(GenerateRequest),
     /// Answered at once with [`Response::Status`], never queued behind computation.
     Status,
+    /// Scores `documents` against `query` with a cross-encoder (ONNX Runtime loaded from
+    /// `library`); answered with [`Response::Scores`], one per document. Runs on the
+    /// connection's own thread, and stops between batches when the backend hangs up.
+    Rerank { model: ModelSpec, library: String, query: String, documents: Vec<String> },
     /// Opens a training or perplexity job on this connection (answered with
     /// [`JobResponse::Opened`]); the rows follow as [`Request::Job`]s.
     JobOpen(JobSpec),
@@ -34,6 +38,7 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     Embeddings(Vec<Vec<f32>>),
+    Scores(Vec<f32>),
     Generated(Generated),
     Status(WorkerStatus),
     Error(ModelError),
@@ -60,6 +65,8 @@ pub struct WorkerStatus {
     pub decoded_streams: u64,
     /// Adapters being trained now.
     pub trainings: Vec<TrainingStatus>,
+    /// Loaded rerankers and the ONNX Runtime execution provider each really runs on.
+    pub rerankers: Vec<(String, String)>,
 }
 
 /// `msg` as one frame.

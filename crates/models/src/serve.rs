@@ -130,6 +130,7 @@ impl Shared {
             decode_steps: self.decode_steps.load(Ordering::Relaxed),
             decoded_streams: self.decoded_streams.load(Ordering::Relaxed),
             trainings: self.trainings.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect(),
+            rerankers: crate::rerank::loaded(),
         }
     }
 
@@ -202,6 +203,16 @@ impl Shared {
                     }
                     self.served.fetch_add(1, Ordering::Relaxed);
                     send(&reply, &result.map_or_else(Response::Error, Response::Job));
+                }
+                Ok(Request::Rerank { model, library, query, documents }) => {
+                    // on this thread: ONNX Runtime has its own threads, and the scheduler's
+                    // embedding and decoding go on meanwhile
+                    let result = guarded(|| {
+                        let docs: Vec<&str> = documents.iter().map(String::as_str).collect();
+                        crate::rerank::reranker(&model, &library)?.score(&query, &docs, &mut || !peer_closed(fd))
+                    });
+                    self.served.fetch_add(1, Ordering::Relaxed);
+                    send(&reply, &result.map_or_else(Response::Error, Response::Scores));
                 }
                 Ok(Request::Embed { texts, .. }) if texts.is_empty() => {
                     self.served.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,300 @@
+//! Cross-encoder reranking with ONNX Runtime.
+//!
+//! A reranker folder holds `model.onnx` (a Hugging Face sequence-classification export: inputs
+//! `input_ids`, `attention_mask` and optionally `token_type_ids`, output `logits` of shape
+//! batch × 1, or × 2 where the second column is "relevant") and `tokenizer.json`. The query and
+//! each document are encoded as one pair, cut longest-first to the model's limit, sorted by
+//! length and run in padded batches.
+//!
+//! ONNX Runtime is not linked: it is loaded once per process from an absolute path
+//! (`lorag.onnxruntime_library`), after checking the file, so a missing or wrong library is an
+//! error and never a panic.
+
+use crate::device::DeviceChoice;
+use crate::ModelError;
+use ort::session::Session;
+use ort::value::Tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
+
+/// Pairs per ONNX Runtime run, at most, and padded tokens per run, at most.
+const BATCH_PAIRS: usize = 32;
+const BATCH_TOKENS: usize = 8192;
+
+/// Token limit when neither `config.json` nor `tokenizer_config.json` gives one.
+const DEFAULT_MAX_TOKENS: usize = 512;
+
+/// The library this process loaded ONNX Runtime from (it cannot be unloaded or swapped), and
+/// its environment.
+static RUNTIME: OnceLock<(PathBuf, ort::environment::Environment)> = OnceLock::new();
+static RUNTIME_INIT: Mutex<()> = Mutex::new(());
+
+const LIBRARY_HINT: &str = "Set lorag.onnxruntime_library to the absolute path of libonnxruntime.so from the onnxruntime 1.32 wheel (make models puts it under models/onnxruntime/).";
+
+fn runtime_error(detail: String) -> ModelError {
+    ModelError::Setup { detail, hint: LIBRARY_HINT.into() }
+}
+
+/// Loads ONNX Runtime from `library` once per process.
+pub fn load_runtime(library: &str) -> Result<&'static ort::environment::Environment, ModelError> {
+    let _guard = RUNTIME_INIT.lock().unwrap_or_else(|p| p.into_inner());
+    let path = PathBuf::from(library);
+    if let Some((loaded, env)) = RUNTIME.get() {
+        if *loaded != path && !library.is_empty() {
+            return Err(ModelError::Setup {
+                detail: format!("ONNX Runtime is already loaded from \"{}\" in this process", loaded.display()),
+                hint: "A new lorag.onnxruntime_library takes effect after a server restart.".into(),
+            });
+        }
+        return Ok(env);
+    }
+    if library.is_empty() {
+        return Err(runtime_error("lorag.onnxruntime_library is not set".into()));
+    }
+    if !path.is_absolute() {
+        return Err(runtime_error(format!("lorag.onnxruntime_library \"{library}\" is not an absolute path")));
+    }
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(runtime_error(format!("\"{library}\" is not a file"))),
+        Err(e) => return Err(runtime_error(format!("cannot use ONNX Runtime library \"{library}\": {e}"))),
+    }
+    // dlopen, then the version check (ort refuses a library older than its API level)
+    let builder = ort::init_from(&path).map_err(|e| runtime_error(format!("cannot load ONNX Runtime: {e}")))?;
+    let env = builder.with_name("lorag").build().map_err(|e| runtime_error(format!("cannot start ONNX Runtime: {e}")))?;
+    Ok(&RUNTIME.get_or_init(|| (path, env)).1)
+}
+
+/// The execution providers ONNX Runtime was built with.
+fn available_providers() -> Vec<String> {
+    use ort::ep::ExecutionProvider;
+    let mut out = vec!["CPUExecutionProvider".to_string()];
+    if <ort::ep::CUDA as ExecutionProvider>::is_available().unwrap_or(false) {
+        out.push("CUDAExecutionProvider".to_string());
+    }
+    out
+}
+
+pub struct Reranker {
+    /// The registered name it was loaded as.
+    pub name: String,
+    session: Mutex<Session>,
+    tokenizer: Tokenizer,
+    has_token_types: bool,
+    /// Column of `logits` that scores relevance (0 for one label, 1 for two).
+    label: usize,
+    pub max_tokens: usize,
+    /// The execution provider that really runs (ONNX Runtime would fall back silently).
+    pub provider: String,
+}
+
+/// The first `model_max_length`/`max_position_embeddings` the folder declares.
+fn declared_max_tokens(dir: &Path) -> usize {
+    let read = |name: &str, key: &str| -> Option<usize> {
+        let text = std::fs::read_to_string(dir.join(name)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v.get(key)?.as_u64().map(|n| n as usize).filter(|&n| n > 0 && n <= 1 << 16)
+    };
+    read("tokenizer_config.json", "model_max_length")
+        .or_else(|| read("config.json", "max_position_embeddings"))
+        .unwrap_or(DEFAULT_MAX_TOKENS)
+}
+
+impl Reranker {
+    /// Loads `dir/model.onnx` on the device `device` allows; checks that it is a cross-encoder.
+    pub fn load(dir: &Path, device: &str, library: &str) -> Result<Reranker, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::Missing { path: dir.to_owned() });
+        }
+        let path = dir.join("model.onnx");
+        if !path.is_file() {
+            return Err(ModelError::Missing { path });
+        }
+        let choice = DeviceChoice::parse(device)?;
+        let env = load_runtime(library)?;
+        let max_tokens = declared_max_tokens(dir);
+        let mut tokenizer = crate::embed::load_tokenizer(dir, None)?;
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                strategy: TruncationStrategy::LongestFirst,
+                ..Default::default()
+            }))
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+
+        let cuda = match choice {
+            DeviceChoice::Cpu => None,
+            DeviceChoice::Auto => available_providers().iter().any(|p| p == "CUDAExecutionProvider").then_some(0),
+            DeviceChoice::Cuda(n) => {
+                if !available_providers().iter().any(|p| p == "CUDAExecutionProvider") {
+                    return Err(ModelError::Setup {
+                        detail: format!("device cuda:{n}: this ONNX Runtime library has no CUDA execution provider"),
+                        hint: "Point lorag.onnxruntime_library at the library of the onnxruntime-gpu wheel, or set lorag.device to auto or cpu.".into(),
+                    });
+                }
+                Some(n)
+            }
+        };
+        let build = |cuda: Option<usize>| -> Result<Session, ModelError> {
+            let ort_err = |e: ort::Error| ModelError::corrupt(&path, e);
+            let mut builder = Session::builder(env).map_err(|e| ModelError::Runtime(e.to_string()))?;
+            if let Some(n) = cuda {
+                builder = builder
+                    .with_execution_providers([ort::ep::CUDA::default().with_device_id(n as i32).build().error_on_failure()])
+                    .map_err(|e| ModelError::Invalid(format!("device cuda:{n} is not usable by ONNX Runtime: {e}")))?;
+            }
+            let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+            builder.commit_from_memory(&bytes).map_err(ort_err)
+        };
+        let (session, provider) = match (choice, cuda) {
+            // auto: CUDA when it registers, the CPU otherwise (and the status says which)
+            (DeviceChoice::Auto, Some(n)) => match build(Some(n)) {
+                Ok(s) => (s, format!("CUDAExecutionProvider:{n}")),
+                Err(_) => (build(None)?, "CPUExecutionProvider".to_string()),
+            },
+            (_, Some(n)) => (build(Some(n))?, format!("CUDAExecutionProvider:{n}")),
+            (_, None) => (build(None)?, "CPUExecutionProvider".to_string()),
+        };
+
+        let not_cross_encoder = |why: String| ModelError::Unsuitable {
+            detail: format!("\"{}\" is not a cross-encoder: {why}", path.display()),
+            hint: "A reranker is a sequence-classification export with inputs input_ids, attention_mask (and token_type_ids) and an output logits of shape [batch, 1] or [batch, 2].".into(),
+        };
+        let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        for required in ["input_ids", "attention_mask"] {
+            if !names.contains(&required) {
+                return Err(not_cross_encoder(format!("it has no input \"{required}\" (inputs: {})", names.join(", "))));
+            }
+        }
+        if let Some(other) = names.iter().find(|n| !["input_ids", "attention_mask", "token_type_ids"].contains(n)) {
+            return Err(not_cross_encoder(format!("it wants an input \"{other}\"")));
+        }
+        for input in session.inputs() {
+            if input.dtype().tensor_type() != Some(ort::value::TensorElementType::Int64) {
+                return Err(not_cross_encoder(format!("input \"{}\" is not a tensor of int64", input.name())));
+            }
+        }
+        let has_token_types = names.contains(&"token_type_ids");
+        let logits = session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == "logits")
+            .or_else(|| (session.outputs().len() == 1).then(|| &session.outputs()[0]))
+            .ok_or_else(|| not_cross_encoder("it has no output \"logits\"".into()))?;
+        let shape = logits.dtype().tensor_shape().ok_or_else(|| not_cross_encoder("its output is not a tensor".into()))?;
+        let label = match shape.len() {
+            2 if shape[1] == 1 => 0,
+            2 if shape[1] == 2 => 1,
+            _ => return Err(not_cross_encoder(format!("its output has shape {shape:?}, not [batch, 1] or [batch, 2]"))),
+        };
+        if logits.dtype().tensor_type() != Some(ort::value::TensorElementType::Float32) {
+            return Err(not_cross_encoder("its output is not float32".into()));
+        }
+        Ok(Reranker { name: String::new(), session: Mutex::new(session), tokenizer, has_token_types, label, max_tokens, provider })
+    }
+
+    /// Scores every document against `query` (higher is more relevant), in the documents'
+    /// order. `keep_going` is asked before every batch: false stops with [`ModelError::Invalid`]
+    /// "cancelled" (query cancel).
+    pub fn score(&self, query: &str, documents: &[&str], keep_going: &mut dyn FnMut() -> bool) -> Result<Vec<f32>, ModelError> {
+        if documents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pairs: Vec<(String, String)> = documents.iter().map(|d| (query.to_string(), d.to_string())).collect();
+        let encodings = self.tokenizer.encode_batch(pairs, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut order: Vec<usize> = (0..encodings.len()).collect();
+        order.sort_by_key(|&i| encodings[i].get_ids().len());
+        let mut scores = vec![0f32; documents.len()];
+        let mut start = 0;
+        while start < order.len() {
+            // a run of pairs of similar length, at most BATCH_PAIRS and BATCH_TOKENS padded
+            let mut end = start + 1;
+            while end < order.len() && end - start < BATCH_PAIRS {
+                let longest = encodings[order[end]].get_ids().len();
+                if longest * (end - start + 1) > BATCH_TOKENS {
+                    break;
+                }
+                end += 1;
+            }
+            if !keep_going() {
+                return Err(ModelError::Invalid("cancelled".into()));
+            }
+            let batch: Vec<&tokenizers::Encoding> = order[start..end].iter().map(|&i| &encodings[i]).collect();
+            for (&i, s) in order[start..end].iter().zip(self.run(&batch)?) {
+                scores[i] = s;
+            }
+            start = end;
+        }
+        Ok(scores)
+    }
+
+    /// One padded ONNX Runtime run.
+    fn run(&self, batch: &[&tokenizers::Encoding]) -> Result<Vec<f32>, ModelError> {
+        let len = batch.iter().map(|e| e.get_ids().len()).max().unwrap_or(1).max(1);
+        let n = batch.len();
+        let (mut ids, mut mask, mut types) = (Vec::with_capacity(n * len), Vec::with_capacity(n * len), Vec::with_capacity(n * len));
+        for e in batch {
+            let k = e.get_ids().len();
+            ids.extend(e.get_ids().iter().map(|&t| t as i64));
+            ids.extend(std::iter::repeat_n(0, len - k));
+            mask.extend(std::iter::repeat_n(1i64, k));
+            mask.extend(std::iter::repeat_n(0, len - k));
+            types.extend(e.get_type_ids().iter().map(|&t| t as i64));
+            types.extend(std::iter::repeat_n(0, len - k));
+        }
+        let rt = |e: ort::Error| ModelError::Runtime(e.to_string());
+        let shape = [n as i64, len as i64];
+        let mut inputs = vec![
+            ("input_ids", Tensor::from_array((shape, ids)).map_err(rt)?.into_dyn()),
+            ("attention_mask", Tensor::from_array((shape, mask)).map_err(rt)?.into_dyn()),
+        ];
+        if self.has_token_types {
+            inputs.push(("token_type_ids", Tensor::from_array((shape, types)).map_err(rt)?.into_dyn()));
+        }
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let outputs = session.run(inputs).map_err(rt)?;
+        let (out_shape, values) = outputs[0].try_extract_tensor::<f32>().map_err(rt)?;
+        let width = out_shape.get(1).copied().unwrap_or(1) as usize;
+        if out_shape.first().copied() != Some(n as i64) || values.len() != n * width {
+            return Err(ModelError::Runtime(format!("the reranker returned logits of shape {out_shape:?} for {n} pairs")));
+        }
+        Ok((0..n).map(|i| values[i * width + self.label.min(width - 1)]).collect())
+    }
+}
+
+type Key = (PathBuf, Option<String>, String);
+
+/// Rerankers loaded in this process, shared by every connection.
+static LOADED: Mutex<Option<HashMap<Key, Arc<Reranker>>>> = Mutex::new(None);
+
+/// The reranker of `spec`, loaded (checksum of `model.onnx` verified) on first use.
+pub fn reranker(spec: &crate::engine::ModelSpec, library: &str) -> Result<Arc<Reranker>, ModelError> {
+    let key = (spec.path.clone(), spec.checksum.clone(), spec.device.clone());
+    let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    let map = loaded.get_or_insert_with(HashMap::new);
+    if let Some(r) = map.get(&key) {
+        return Ok(r.clone());
+    }
+    if let Some(expected) = &spec.checksum {
+        let file = spec.path.join("model.onnx");
+        let actual = crate::sha256_file(&file)?;
+        if &actual != expected {
+            return Err(ModelError::Checksum { path: file, expected: expected.clone(), actual });
+        }
+    }
+    let mut r = Reranker::load(&spec.path, &spec.device, library)?;
+    r.name = spec.name.clone();
+    let r = Arc::new(r);
+    map.insert(key, r.clone());
+    Ok(r)
+}
+
+/// Names and execution providers of the loaded rerankers, for the status.
+pub fn loaded() -> Vec<(String, String)> {
+    let loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out: Vec<(String, String)> = loaded.iter().flatten().map(|(_, r)| (r.name.clone(), r.provider.clone())).collect();
+    out.sort();
+    out
+}
