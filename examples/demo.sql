@@ -60,6 +60,13 @@ ORDER BY embedding <=> q LIMIT 2;
 SELECT idx, chunk FROM chunk('PostgreSQL is a relational database. It supports indexes, views and stored procedures. ' ||
                              'Extensions add new types and index methods. lorag is one of them.', 16, 4);
 
+\echo '--- cross-encoder reranking (minilm-reranker, trained by make models, on ONNX Runtime)'
+WITH d(docs) AS (SELECT ARRAY['VACUUM reclaims storage occupied by dead tuples.',
+                              'pg_dump extracts a PostgreSQL database into a script file.',
+                              'The wing stalls when the angle of attack exceeds its critical value.'])
+SELECT r.idx, round(r.score::numeric, 3) AS score, d.docs[r.idx] AS document
+FROM d, rerank('How do I back up my database?', d.docs) r;
+
 \echo '--- text generation in the model worker (SmolLM2-135M-Instruct, candle)'
 \timing on
 SELECT generate('What is the capital of France?') AS answer;
@@ -71,7 +78,8 @@ SELECT generate('What is the capital of France?') AS answer;
 \ir manual.sql
 \timing off
 
-\echo '--- questions about PostgreSQL, answered from the manual: answer, source pages, time per stage'
+\echo '--- questions about PostgreSQL, answered from the manual: 50 candidates from the index, reranked,'
+\echo '    the best 3 in the prompt: answer, source pages, time per stage'
 \x on
 SELECT q.question, r.answer,
        (SELECT string_agg(DISTINCT m.page, ', ') FROM jsonb_array_elements(r.sources) s JOIN manual m ON m.id = (s->>'key')::bigint) AS sources,
@@ -82,7 +90,7 @@ FROM (VALUES ('How do I create an index that covers only some rows of a table?')
              ('How do I copy the rows of a table into a CSV file?')) AS q(question),
      rag_answer_with_sources(q.question, 'manual', k => 3, max_tokens => 96, text_column => 'content') AS r;
 \x off
-SELECT mode, device, loaded_models, pg_size_pretty(memory_bytes) AS memory, requests_served,
+SELECT mode, device, loaded_models, rerankers, pg_size_pretty(memory_bytes) AS memory, requests_served,
        round(batched_texts::numeric / nullif(batches, 0), 1) AS mean_embed_batch
 FROM lorag.worker_status();
 

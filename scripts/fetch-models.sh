@@ -8,6 +8,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DIR="${1:-${LORAG_MODEL_DIR:-$ROOT/models}}"
 PY="${PYTHON:-python3}"
 mkdir -p "$DIR"
+DIR="$(cd "$DIR" && pwd)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
@@ -135,7 +136,7 @@ train_reranker() {
     fi
     echo "minilm-reranker: training a cross-encoder on Cranfield queries 1-150 (a few minutes)"
     (cd "$ROOT" && cargo run -q -p lorag-models --bin lorag-train-reranker -- \
-        "$DIR/all-MiniLM-L6-v2" "$data" "$dest")
+        "$DIR/all-MiniLM-L6-v2" "$data" "$dest" --onnxruntime "$DIR/onnxruntime/libonnxruntime.so.$ORT_VERSION")
     touch "$dest/.complete"
     echo "minilm-reranker: ok ($dest)"
 }

@@ -81,7 +81,7 @@ sql_function!(lorag_train_reranker, pg_finfo_lorag_train_reranker, |fcinfo| {
 
     let device = lorag_models::candle_core::Device::Cpu;
     let mut model = CrossEncoder::load(&base.path, max_tokens as usize, seed as u64, &device).unwrap_or_else(|e| raise(e));
-    let settings = TrainSettings { epochs: epochs as usize, learning_rate, batch_size: batch_size as usize, seed: seed as u64, weight_decay: 0.01 };
+    let settings = TrainSettings { epochs: epochs as usize, trainable_layers: None, learning_rate, batch_size: batch_size as usize, seed: seed as u64, weight_decay: 0.01 };
     let start = Instant::now();
     let mut last_notice: Option<Instant> = None;
     let mut steps = 0;

@@ -73,12 +73,17 @@ pub struct CrossEncoder {
     pub tokenizer: Tokenizer,
     pub max_tokens: usize,
     device: Device,
+    /// While training: the weights that are trained (the rest enter the forward pass detached,
+    /// so no gradient is computed for them). Otherwise empty: nothing is tracked.
+    trained: std::collections::HashSet<String>,
 }
 
 /// Training settings of [`CrossEncoder::train`].
 #[derive(Debug, Clone)]
 pub struct TrainSettings {
     pub epochs: usize,
+    /// Encoder layers trained, from the top (the rest stay frozen); `None`: all.
+    pub trainable_layers: Option<usize>,
     pub learning_rate: f64,
     pub batch_size: usize,
     pub seed: u64,
@@ -87,7 +92,7 @@ pub struct TrainSettings {
 
 impl Default for TrainSettings {
     fn default() -> Self {
-        TrainSettings { epochs: 1, learning_rate: 5e-5, batch_size: 16, seed: 0, weight_decay: 0.01 }
+        TrainSettings { epochs: 1, trainable_layers: None, learning_rate: 5e-5, batch_size: 16, seed: 0, weight_decay: 0.01 }
     }
 }
 
@@ -190,11 +195,17 @@ impl CrossEncoder {
             };
             weights.insert(name, Var::from_tensor(&t)?);
         }
-        Ok(CrossEncoder { config, weights, tokenizer, max_tokens, device: device.clone() })
+        Ok(CrossEncoder { config, weights, tokenizer, max_tokens, device: device.clone(), trained: Default::default() })
     }
 
-    fn w(&self, name: &str) -> &Tensor {
-        self.weights.get(name).unwrap_or_else(|| panic!("weight {name} was checked on load")).as_tensor()
+    /// A weight for the forward pass: tracked for its gradient only while it is being trained.
+    fn w(&self, name: &str) -> Tensor {
+        let t = self.weights.get(name).unwrap_or_else(|| panic!("weight {name} was checked on load")).as_tensor();
+        if self.trained.contains(name) {
+            t.clone()
+        } else {
+            t.detach()
+        }
     }
 
     /// Token ids, token types and mask of (query, passage) pairs, padded to the longest.
@@ -223,31 +234,31 @@ impl CrossEncoder {
         let (b, s) = ids.dims2()?;
         let (h, heads) = (c.hidden_size, c.num_attention_heads);
         let d = h / heads;
-        let word = candle_nn::Embedding::new(self.w(FROZEN[0]).clone(), h).forward(ids)?;
+        let word = candle_nn::Embedding::new(self.w(FROZEN[0]), h).forward(ids)?;
         let pos = self.w(FROZEN[1]).narrow(0, 0, s)?;
-        let typ = candle_nn::Embedding::new(self.w(FROZEN[2]).clone(), h).forward(types)?;
+        let typ = candle_nn::Embedding::new(self.w(FROZEN[2]), h).forward(types)?;
         let x = word.broadcast_add(&pos)?.add(&typ)?;
-        let mut x = layer_norm(&x, self.w("bert.embeddings.LayerNorm.weight"), self.w("bert.embeddings.LayerNorm.bias"), c.layer_norm_eps)?;
+        let mut x = layer_norm(&x, &self.w("bert.embeddings.LayerNorm.weight"), &self.w("bert.embeddings.LayerNorm.bias"), c.layer_norm_eps)?;
         // 0 for real tokens, -10000 for padding (what Hugging Face's BERT adds)
         let bias = ((mask.reshape((b, 1, 1, s))? - 1.0)? * 10000.0)?;
         let scale = 1.0 / (d as f64).sqrt();
         for l in 0..c.num_hidden_layers {
             let w = |k: usize| self.w(&format!("bert.encoder.layer.{l}.{}", LAYER_WEIGHTS[k]));
             let heads_of = |t: Tensor| t.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous();
-            let q = heads_of(linear(&x, w(0), w(1))?)?;
-            let k = heads_of(linear(&x, w(2), w(3))?)?;
-            let v = heads_of(linear(&x, w(4), w(5))?)?;
+            let q = heads_of(linear(&x, &w(0), &w(1))?)?;
+            let k = heads_of(linear(&x, &w(2), &w(3))?)?;
+            let v = heads_of(linear(&x, &w(4), &w(5))?)?;
             let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
             let p = lorag_lora::ops::softmax(&scores.contiguous()?)?;
             let ctx = p.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, s, h))?;
-            let a = linear(&ctx, w(6), w(7))?;
-            x = layer_norm(&(x + a)?, w(8), w(9), c.layer_norm_eps)?;
-            let f = linear(&linear(&x, w(10), w(11))?.gelu_erf()?, w(12), w(13))?;
-            x = layer_norm(&(x + f)?, w(14), w(15), c.layer_norm_eps)?;
+            let a = linear(&ctx, &w(6), &w(7))?;
+            x = layer_norm(&(x + a)?, &w(8), &w(9), c.layer_norm_eps)?;
+            let f = linear(&linear(&x, &w(10), &w(11))?.gelu_erf()?, &w(12), &w(13))?;
+            x = layer_norm(&(x + f)?, &w(14), &w(15), c.layer_norm_eps)?;
         }
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
-        let pooled = linear(&cls, self.w("bert.pooler.dense.weight"), self.w("bert.pooler.dense.bias"))?.tanh()?;
-        linear(&pooled, self.w("classifier.weight"), self.w("classifier.bias"))?.squeeze(1)
+        let pooled = linear(&cls, &self.w("bert.pooler.dense.weight"), &self.w("bert.pooler.dense.bias"))?.tanh()?;
+        linear(&pooled, &self.w("classifier.weight"), &self.w("classifier.bias"))?.squeeze(1)
     }
 
     /// Scores of (query, passage) pairs, in batches of 16.
@@ -316,7 +327,34 @@ impl CrossEncoder {
         if batch_size == 0 || settings.epochs == 0 {
             return Err(ModelError::Invalid("batch_size and epochs must be positive".into()));
         }
-        let trained: Vec<Var> = self.weights.iter().filter(|(n, _)| !FROZEN.contains(&n.as_str())).map(|(_, v)| v.clone()).collect();
+        let layers = self.config.num_hidden_layers;
+        let first_trained = layers - settings.trainable_layers.unwrap_or(layers).min(layers);
+        let frozen = |name: &str| {
+            FROZEN.contains(&name)
+                || (first_trained > 0 && name.starts_with("bert.embeddings."))
+                || name
+                    .strip_prefix("bert.encoder.layer.")
+                    .and_then(|rest| rest.split('.').next()?.parse::<usize>().ok())
+                    .is_some_and(|l| l < first_trained)
+        };
+        let trained: Vec<Var> = self.weights.iter().filter(|(n, _)| !frozen(n)).map(|(_, v)| v.clone()).collect();
+        self.trained = self.weights.keys().filter(|n| !frozen(n)).cloned().collect();
+        let result = self.optimise_steps(items, batch_size, length, settings, report, loss_of, trained);
+        self.trained.clear();
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn optimise_steps(
+        &mut self,
+        items: usize,
+        batch_size: usize,
+        length: impl Fn(usize) -> usize,
+        settings: &TrainSettings,
+        report: StepReport,
+        loss_of: impl Fn(&CrossEncoder, &[usize]) -> Result<Tensor, ModelError>,
+        trained: Vec<Var>,
+    ) -> Result<f32, ModelError> {
         let params = ParamsAdamW { lr: settings.learning_rate, weight_decay: settings.weight_decay, ..Default::default() };
         let mut opt = AdamW::new(trained, params)?;
         let total = items.div_ceil(batch_size) * settings.epochs;
@@ -384,7 +422,7 @@ impl CrossEncoder {
         let tok = base.join("tokenizer.json");
         let bytes = std::fs::read(&tok).map_err(|e| ModelError::io(&tok, e))?;
         write("tokenizer.json", &bytes)?;
-        write("model.onnx", &crate::onnx::cross_encoder(c, &|name| self.w(name).clone())?)?;
+        write("model.onnx", &crate::onnx::cross_encoder(c, &|name| self.w(name))?)?;
         Ok(())
     }
 }
@@ -424,7 +462,7 @@ mod tests {
             .map(|(i, (q, p))| (q.to_string(), p.to_string(), if i % 2 == 0 { 1.0 } else { 0.0 }))
             .collect();
         let mut losses = Vec::new();
-        let settings = TrainSettings { epochs: 8, learning_rate: 1e-4, batch_size: 4, seed: 1, weight_decay: 0.0 };
+        let settings = TrainSettings { epochs: 8, trainable_layers: None, learning_rate: 1e-4, batch_size: 4, seed: 1, weight_decay: 0.0 };
         model
             .train(&train, &settings, &mut |_, _, l, _| {
                 losses.push(l);
@@ -446,7 +484,8 @@ mod tests {
         }
         // the saved folder loads back into candle with the same scores
         let again = CrossEncoder::load(&dir, 64, 99, &device).unwrap();
-        assert_eq!(again.score(&[(pairs[0].0, docs[0])]).unwrap()[0], candle[0]);
+        let reloaded = again.score(&docs.iter().map(|d| (pairs[0].0, *d)).collect::<Vec<_>>()).unwrap();
+        assert_eq!(reloaded, candle);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,8 +3,8 @@
 //! embedder's top results), saved as a Hugging Face folder with `model.onnx`; then nDCG@10 on
 //! the held-out queries 151–225, the embedder alone against its top 50 reranked.
 //!
-//!   lorag-train-reranker BASE_DIR CRANFIELD_BEIR_DIR OUT_DIR [--epochs N] [--max-tokens N]
-//!                        [--positives N] [--negatives N] [--onnxruntime LIBRARY] [--eval-only]
+//!   lorag-train-reranker BASE_DIR CRANFIELD_BEIR_DIR OUT_DIR [--epochs N] [--lr X] [--layers N]
+//!                        [--max-tokens N] [--positives N] [--negatives N] [--onnxruntime LIBRARY] [--eval-only]
 
 use lorag_models::cross::{CrossEncoder, TrainSettings};
 use lorag_models::embed::Embedder;
@@ -56,11 +56,12 @@ fn main() {
     };
     let positional: Vec<&String> = args.iter().enumerate().filter(|(i, a)| !a.starts_with("--") && (*i == 0 || !args[i - 1].starts_with("--") || args[i - 1] == "--eval-only")).map(|(_, a)| a).collect();
     let [base, data, out] = positional[..] else {
-        eprintln!("usage: lorag-train-reranker BASE_DIR CRANFIELD_BEIR_DIR OUT_DIR [--epochs N] [--max-tokens N] [--positives N] [--negatives N] [--onnxruntime LIBRARY] [--eval-only]");
+        eprintln!("usage: lorag-train-reranker BASE_DIR CRANFIELD_BEIR_DIR OUT_DIR [--epochs N] [--lr X] [--layers N] [--max-tokens N] [--positives N] [--negatives N] [--onnxruntime LIBRARY] [--eval-only]");
         std::process::exit(2);
     };
     let (base, data, out) = (PathBuf::from(base), PathBuf::from(data), PathBuf::from(out));
-    let epochs = flag("--epochs", 1);
+    let epochs = flag("--epochs", 2);
+    let learning_rate: f64 = args.iter().position(|a| a == "--lr").and_then(|i| args.get(i + 1)).map_or(1e-4, |v| v.parse().expect("a number"));
     let max_tokens = flag("--max-tokens", 128);
     let negatives = flag("--negatives", 3);
     let positives = flag("--positives", 6);
@@ -123,7 +124,8 @@ fn main() {
             }
         }
         let mut model = CrossEncoder::load(&base, max_tokens, 0, &device).expect("the base encoder");
-        let settings = TrainSettings { epochs, learning_rate: 8e-5, batch_size: 16, seed: 0, weight_decay: 0.01 };
+        let trainable_layers = args.iter().position(|a| a == "--layers").and_then(|i| args.get(i + 1)).map(|v| v.parse().expect("a number"));
+        let settings = TrainSettings { epochs, trainable_layers, learning_rate, batch_size: 16, seed: 0, weight_decay: 0.01 };
         let t = Instant::now();
         eprintln!("training on {} groups of 1 relevant + {negatives} non-relevant ({} epochs, {max_tokens} tokens per pair)", groups.len(), epochs);
         let mut last = Instant::now();
