@@ -382,12 +382,19 @@ pub(crate) fn rerank_scores(spec: ModelSpec, query: String, documents: Vec<Strin
         notice_in_backend();
         let reranker = lorag_models::rerank::reranker(&spec, &library).unwrap_or_else(|e| raise(e));
         let docs: Vec<&str> = documents.iter().map(String::as_str).collect();
-        reranker
-            .score(&query, &docs, &mut || {
-                pgrx::check_for_interrupts!();
-                true
-            })
-            .unwrap_or_else(|e| raise(e))
+        // The watcher thread only reads the flags the signal handlers set for query cancel,
+        // statement_timeout and termination (it never calls PostgreSQL); the ERROR itself is
+        // raised here, in the main thread.
+        let pending = || {
+            // Safety: sig_atomic_t flags that signal handlers set; plain volatile reads.
+            unsafe {
+                std::ptr::read_volatile(std::ptr::addr_of!(pg_sys::QueryCancelPending)) != 0
+                    || std::ptr::read_volatile(std::ptr::addr_of!(pg_sys::ProcDiePending)) != 0
+            }
+        };
+        let result = reranker.score(&query, &docs, &pending);
+        pgrx::check_for_interrupts!();
+        result.unwrap_or_else(|e| raise(e))
     };
     REQUESTS.fetch_add(1, Ordering::Relaxed);
     scores

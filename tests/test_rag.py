@@ -38,22 +38,41 @@ def test_generate_answers_greedily_and_repeats_with_a_seed(mconn):
 
 
 def test_rag_retrieve_finds_the_passage_and_views_filter(conn, docs):
-    rows = conn.execute("SELECT rank, key, content, distance FROM rag_retrieve('How do I create a partial index?', 'rag_docs', 2)").fetchall()
+    rows = conn.execute("SELECT rank, key, content, distance, rerank_score FROM rag_retrieve("
+                        "'How do I create a partial index?', 'rag_docs', 2, rerank => false)").fetchall()
     assert [r[0] for r in rows] == [1, 2] and rows[0][1] == "1" and "partial index" in rows[0][2]
-    assert rows[0][3] <= rows[1][3]
+    assert rows[0][3] <= rows[1][3] and rows[0][4] is None
     keys = [r[0] for r in conn.execute("SELECT key FROM rag_retrieve('capital of Australia', 'rag_docs_view', 3)")]
     assert "3" not in keys, "the view filters row 3 out"
-    two = conn.execute("SELECT key FROM rag_retrieve('capital', 'rag_two_texts', 1, text_column => 'body')").fetchone()
+    two = conn.execute("SELECT key FROM rag_retrieve('capital', 'rag_two_texts', 1, text_column => 'body', rerank => false)").fetchone()
     assert two[0] == "3"
+
+
+def test_rag_retrieve_reranks_its_candidates(conn, docs):
+    """By default the `candidates` nearest rows are rescored by the reranker and the best k kept:
+    the same rows and scores rerank() gives them, ranked by score."""
+    question = "How do I create a partial index?"
+    rows = conn.execute("SELECT rank, key, content, distance, rerank_score FROM rag_retrieve(%s, 'rag_docs', 2, candidates => 4)",
+                        (question,)).fetchall()
+    assert [r[0] for r in rows] == [1, 2] and rows[0][4] >= rows[1][4]
+    contents = [r[0] for r in conn.execute("SELECT content FROM rag_docs ORDER BY embedding <=> (SELECT embed(%s))", (question,))]
+    expected = conn.execute("SELECT idx, score FROM rerank(%s, %s)", (question, contents)).fetchall()[:2]
+    assert [(r[2], r[4]) for r in rows] == [(contents[i - 1], s) for i, s in expected]
+    assert_clean_error(conn, "SELECT * FROM rag_retrieve('q', 'rag_docs', reranker => 'nope')", "42704", 'model "nope" is not registered')
+    conn.execute("SET lorag.reranker_model = ''")
+    assert conn.execute("SELECT rerank_score FROM rag_retrieve('q', 'rag_docs', 1)").fetchone()[0] is None, "no reranker set: none used"
+    conn.execute("RESET lorag.reranker_model")
+    _, _, timings = conn.execute("SELECT * FROM rag_answer_with_sources(%s, 'rag_docs', 1, max_tokens => 4)", (question,)).fetchone()
+    assert timings["reranker"] == "minilm-reranker" and timings["rerank_ms"] > 0
 
 
 def test_rag_answer_uses_the_retrieved_facts(conn, docs):
     answer, sources, timings = conn.execute(
-        "SELECT * FROM rag_answer_with_sources('What is the capital of Australia?', 'rag_docs', 1)").fetchone()
+        "SELECT * FROM rag_answer_with_sources('What is the capital of Australia?', 'rag_docs', 1, rerank => false)").fetchone()
     assert sources[0]["key"] == "3" and "Canberra" in sources[0]["content"]
     assert timings["generated_tokens"] >= 1 and timings["embed_ms"] >= 0 and timings["search_ms"] >= 0
     assert "Canberra" in answer, answer
-    assert conn.execute("SELECT rag_answer('What is the capital of Australia?', 'rag_docs', k => 1)").fetchone()[0] == answer
+    assert conn.execute("SELECT rag_answer('What is the capital of Australia?', 'rag_docs', k => 1, rerank => false)").fetchone()[0] == answer
 
 
 def test_rag_bad_inputs(conn, docs):

@@ -6,16 +6,20 @@
 //! each document are encoded as one pair, cut longest-first to the model's limit, sorted by
 //! length and run in padded batches.
 //!
+//! Cancel: every run has its own run options, and a watcher thread terminates the run as soon
+//! as the caller is gone (a closed connection) or cancelled, so a long batch stops mid-way.
+//!
 //! ONNX Runtime is not linked: it is loaded once per process from an absolute path
 //! (`lorag.onnxruntime_library`), after checking the file, so a missing or wrong library is an
 //! error and never a panic.
 
 use crate::device::DeviceChoice;
 use crate::ModelError;
-use ort::session::Session;
+use ort::session::{RunOptions, Session};
 use ort::value::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
 
@@ -137,14 +141,21 @@ impl Reranker {
                 Some(n)
             }
         };
+        // the one place sessions are made, with an explicit provider list
         let build = |cuda: Option<usize>| -> Result<Session, ModelError> {
             let ort_err = |e: ort::Error| ModelError::corrupt(&path, e);
-            let mut builder = Session::builder(env).map_err(|e| ModelError::Runtime(e.to_string()))?;
-            if let Some(n) = cuda {
-                builder = builder
+            let builder = Session::builder(env).map_err(|e| ModelError::Runtime(e.to_string()))?;
+            let mut builder = match cuda {
+                Some(n) => builder
                     .with_execution_providers([ort::ep::CUDA::default().with_device_id(n as i32).build().error_on_failure()])
-                    .map_err(|e| ModelError::Invalid(format!("device cuda:{n} is not usable by ONNX Runtime: {e}")))?;
-            }
+                    .map_err(|e| ModelError::Setup {
+                        detail: format!("device cuda:{n} is not usable by ONNX Runtime: {e}"),
+                        hint: "Check the CUDA libraries onnxruntime-gpu needs, or set lorag.device to auto or cpu.".into(),
+                    })?,
+                None => builder
+                    .with_execution_providers([ort::ep::CPU::default().build().error_on_failure()])
+                    .map_err(|e| ModelError::Runtime(e.to_string()))?,
+            };
             let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
             builder.commit_from_memory(&bytes).map_err(ort_err)
         };
@@ -196,9 +207,10 @@ impl Reranker {
     }
 
     /// Scores every document against `query` (higher is more relevant), in the documents'
-    /// order. `keep_going` is asked before every batch: false stops with [`ModelError::Invalid`]
-    /// "cancelled" (query cancel).
-    pub fn score(&self, query: &str, documents: &[&str], keep_going: &mut dyn FnMut() -> bool) -> Result<Vec<f32>, ModelError> {
+    /// order. `cancelled` is polled by a watcher thread while each batch runs and before the
+    /// next: once it is true the run is terminated (ONNX Runtime's run option) and the call
+    /// ends with "cancelled". It must not call PostgreSQL (it runs off the main thread).
+    pub fn score(&self, query: &str, documents: &[&str], cancelled: &(dyn Fn() -> bool + Sync)) -> Result<Vec<f32>, ModelError> {
         if documents.is_empty() {
             return Ok(Vec::new());
         }
@@ -218,11 +230,11 @@ impl Reranker {
                 }
                 end += 1;
             }
-            if !keep_going() {
+            if cancelled() {
                 return Err(ModelError::Invalid("cancelled".into()));
             }
             let batch: Vec<&tokenizers::Encoding> = order[start..end].iter().map(|&i| &encodings[i]).collect();
-            for (&i, s) in order[start..end].iter().zip(self.run(&batch)?) {
+            for (&i, s) in order[start..end].iter().zip(self.run(&batch, cancelled)?) {
                 scores[i] = s;
             }
             start = end;
@@ -230,8 +242,8 @@ impl Reranker {
         Ok(scores)
     }
 
-    /// One padded ONNX Runtime run.
-    fn run(&self, batch: &[&tokenizers::Encoding]) -> Result<Vec<f32>, ModelError> {
+    /// One padded ONNX Runtime run, terminated when `cancelled` turns true meanwhile.
+    fn run(&self, batch: &[&tokenizers::Encoding], cancelled: &(dyn Fn() -> bool + Sync)) -> Result<Vec<f32>, ModelError> {
         let len = batch.iter().map(|e| e.get_ids().len()).max().unwrap_or(1).max(1);
         let n = batch.len();
         let (mut ids, mut mask, mut types) = (Vec::with_capacity(n * len), Vec::with_capacity(n * len), Vec::with_capacity(n * len));
@@ -253,14 +265,35 @@ impl Reranker {
         if self.has_token_types {
             inputs.push(("token_type_ids", Tensor::from_array((shape, types)).map_err(rt)?.into_dyn()));
         }
+        let options = RunOptions::new().map_err(rt)?;
+        let done = AtomicBool::new(false);
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        let outputs = session.run(inputs).map_err(rt)?;
-        let (out_shape, values) = outputs[0].try_extract_tensor::<f32>().map_err(rt)?;
-        let width = out_shape.get(1).copied().unwrap_or(1) as usize;
-        if out_shape.first().copied() != Some(n as i64) || values.len() != n * width {
-            return Err(ModelError::Runtime(format!("the reranker returned logits of shape {out_shape:?} for {n} pairs")));
+        let (result, terminated) = std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                while !done.load(Ordering::Acquire) {
+                    if cancelled() {
+                        let _ = options.terminate();
+                        return true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                false
+            });
+            let result = session.run_with_options(inputs, &options).map_err(rt).and_then(|outputs| {
+                let (out_shape, values) = outputs[0].try_extract_tensor::<f32>().map_err(rt)?;
+                let width = out_shape.get(1).copied().unwrap_or(1) as usize;
+                if out_shape.first().copied() != Some(n as i64) || values.len() != n * width {
+                    return Err(ModelError::Runtime(format!("the reranker returned logits of shape {out_shape:?} for {n} pairs")));
+                }
+                Ok((0..n).map(|i| values[i * width + self.label.min(width - 1)]).collect::<Vec<f32>>())
+            });
+            done.store(true, Ordering::Release);
+            (result, watcher.join().unwrap_or(false))
+        });
+        if terminated {
+            return Err(ModelError::Invalid("cancelled".into()));
         }
-        Ok((0..n).map(|i| values[i * width + self.label.min(width - 1)]).collect())
+        result
     }
 }
 

@@ -209,7 +209,7 @@ impl Shared {
                     // embedding and decoding go on meanwhile
                     let result = guarded(|| {
                         let docs: Vec<&str> = documents.iter().map(String::as_str).collect();
-                        crate::rerank::reranker(&model, &library)?.score(&query, &docs, &mut || !peer_closed(fd))
+                        crate::rerank::reranker(&model, &library)?.score(&query, &docs, &|| peer_closed(fd))
                     });
                     self.served.fetch_add(1, Ordering::Relaxed);
                     send(&reply, &result.map_or_else(Response::Error, Response::Scores));

@@ -4,7 +4,7 @@
 //! the held-out queries 151–225, the embedder alone against its top 50 reranked.
 //!
 //!   lorag-train-reranker BASE_DIR CRANFIELD_BEIR_DIR OUT_DIR [--epochs N] [--lr X] [--layers N]
-//!                        [--max-tokens N] [--positives N] [--negatives N] [--onnxruntime LIBRARY] [--eval-only]
+//!                        [--max-tokens N] [--positives N] [--title-stride N] [--negatives N] [--onnxruntime LIBRARY] [--eval-only]
 
 use lorag_models::cross::{CrossEncoder, TrainSettings};
 use lorag_models::embed::Embedder;
@@ -14,6 +14,8 @@ use std::time::Instant;
 
 struct Cranfield {
     docs: Vec<(String, String)>,
+    /// (title, body without the title) of every document
+    titled: Vec<(String, String)>,
     queries: HashMap<String, String>,
     qrels: HashMap<String, HashMap<String, f32>>,
 }
@@ -25,7 +27,16 @@ fn read_jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
 
 fn load(dir: &std::path::Path) -> Cranfield {
     let s = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
-    let docs = read_jsonl(&dir.join("corpus.jsonl")).iter().map(|d| (s(d, "_id"), format!("{} {}", s(d, "title"), s(d, "text")).trim().to_string())).collect();
+    let corpus = read_jsonl(&dir.join("corpus.jsonl"));
+    let docs = corpus.iter().map(|d| (s(d, "_id"), format!("{} {}", s(d, "title"), s(d, "text")).trim().to_string())).collect();
+    let titled = corpus
+        .iter()
+        .map(|d| {
+            let (title, text) = (s(d, "title"), s(d, "text"));
+            let body = text.strip_prefix(title.as_str()).unwrap_or(&text).trim().to_string();
+            (title, body)
+        })
+        .collect();
     let queries = read_jsonl(&dir.join("queries.jsonl")).iter().map(|q| (s(q, "_id"), s(q, "text"))).collect();
     let mut qrels: HashMap<String, HashMap<String, f32>> = HashMap::new();
     let text = std::fs::read_to_string(dir.join("qrels/test.tsv")).expect("qrels/test.tsv");
@@ -38,7 +49,7 @@ fn load(dir: &std::path::Path) -> Cranfield {
             }
         }
     }
-    Cranfield { docs, queries, qrels }
+    Cranfield { docs, titled, queries, qrels }
 }
 
 fn ndcg10(ranked: &[&str], rel: &HashMap<String, f32>) -> f64 {
@@ -56,15 +67,16 @@ fn main() {
     };
     let positional: Vec<&String> = args.iter().enumerate().filter(|(i, a)| !a.starts_with("--") && (*i == 0 || !args[i - 1].starts_with("--") || args[i - 1] == "--eval-only")).map(|(_, a)| a).collect();
     let [base, data, out] = positional[..] else {
-        eprintln!("usage: lorag-train-reranker BASE_DIR CRANFIELD_BEIR_DIR OUT_DIR [--epochs N] [--lr X] [--layers N] [--max-tokens N] [--positives N] [--negatives N] [--onnxruntime LIBRARY] [--eval-only]");
+        eprintln!("usage: lorag-train-reranker BASE_DIR CRANFIELD_BEIR_DIR OUT_DIR [--epochs N] [--lr X] [--layers N] [--max-tokens N] [--positives N] [--title-stride N] [--negatives N] [--onnxruntime LIBRARY] [--eval-only]");
         std::process::exit(2);
     };
     let (base, data, out) = (PathBuf::from(base), PathBuf::from(data), PathBuf::from(out));
-    let epochs = flag("--epochs", 2);
-    let learning_rate: f64 = args.iter().position(|a| a == "--lr").and_then(|i| args.get(i + 1)).map_or(1e-4, |v| v.parse().expect("a number"));
+    let epochs = flag("--epochs", 1);
+    let learning_rate: f64 = args.iter().position(|a| a == "--lr").and_then(|i| args.get(i + 1)).map_or(8e-5, |v| v.parse().expect("a number"));
     let max_tokens = flag("--max-tokens", 128);
     let negatives = flag("--negatives", 3);
     let positives = flag("--positives", 6);
+    let title_stride = flag("--title-stride", 2);
     let onnxruntime = args.iter().position(|a| a == "--onnxruntime").and_then(|i| args.get(i + 1)).cloned();
     let eval_only = args.iter().any(|a| a == "--eval-only");
     let device = candle_core::Device::Cpu;
@@ -123,11 +135,37 @@ fn main() {
                 groups.push((cran.queries[*q].clone(), cran.docs[di].1.clone(), negs));
             }
         }
+        // and pseudo-queries from the corpus itself (no labels of any query): a document's title
+        // asks for its body, against three bodies from the embedder's top 50 for that title.
+        // Every `title_stride`-th document; 0 = none.
+        if title_stride > 0 {
+            let picked: Vec<usize> = (0..cran.titled.len()).step_by(title_stride).filter(|&i| !cran.titled[i].0.is_empty() && !cran.titled[i].1.is_empty()).collect();
+            let titles: Vec<&str> = picked.iter().map(|&i| cran.titled[i].0.as_str()).collect();
+            let mut vecs = Vec::new();
+            for chunk in titles.chunks(32) {
+                vecs.extend(embedder.embed(chunk).expect("embedding"));
+            }
+            for (&i, v) in picked.iter().zip(&vecs) {
+                let non: Vec<usize> = ranking(v).into_iter().take(50).filter(|&j| j != i).collect();
+                let mut negs: Vec<String> = Vec::new();
+                while negs.len() < negatives {
+                    let body = &cran.titled[non[draw(non.len())]].1;
+                    if !negs.contains(body) {
+                        negs.push(body.clone());
+                    }
+                }
+                groups.push((cran.titled[i].0.clone(), cran.titled[i].1.clone(), negs));
+            }
+        }
         let mut model = CrossEncoder::load(&base, max_tokens, 0, &device).expect("the base encoder");
         let trainable_layers = args.iter().position(|a| a == "--layers").and_then(|i| args.get(i + 1)).map(|v| v.parse().expect("a number"));
         let settings = TrainSettings { epochs, trainable_layers, learning_rate, batch_size: 16, seed: 0, weight_decay: 0.01 };
         let t = Instant::now();
-        eprintln!("training on {} groups of 1 relevant + {negatives} non-relevant ({} epochs, {max_tokens} tokens per pair)", groups.len(), epochs);
+        eprintln!(
+            "training on {} groups of 1 relevant + {negatives} non-relevant ({} epochs, {max_tokens} tokens per pair, {learning_rate} learning rate)",
+            groups.len(),
+            epochs
+        );
         let mut last = Instant::now();
         let loss = model
             .train_groups(&groups, &settings, &mut |step, total, l, mean| {
@@ -158,7 +196,7 @@ fn main() {
         base_sum += ndcg10(&ids, rel);
         let pairs: Vec<(&str, &str)> = top.iter().map(|&i| (cran.queries[*q].as_str(), cran.docs[i].1.as_str())).collect();
         let scores = match &onnx {
-            Some(r) => r.score(&cran.queries[*q], &pairs.iter().map(|p| p.1).collect::<Vec<_>>(), &mut || true).expect("scoring"),
+            Some(r) => r.score(&cran.queries[*q], &pairs.iter().map(|p| p.1).collect::<Vec<_>>(), &|| false).expect("scoring"),
             None => model.score(&pairs).expect("scoring"),
         };
         let mut order: Vec<usize> = (0..top.len()).collect();
