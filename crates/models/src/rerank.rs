@@ -87,6 +87,8 @@ pub struct Reranker {
     session: Mutex<Session>,
     tokenizer: Tokenizer,
     has_token_types: bool,
+    /// Which of the session's outputs holds the logits.
+    output: usize,
     /// Column of `logits` that scores relevance (0 for one label, 1 for two).
     label: usize,
     pub max_tokens: usize,
@@ -188,12 +190,13 @@ impl Reranker {
             }
         }
         let has_token_types = names.contains(&"token_type_ids");
-        let logits = session
+        let output = session
             .outputs()
             .iter()
-            .find(|o| o.name() == "logits")
-            .or_else(|| (session.outputs().len() == 1).then(|| &session.outputs()[0]))
+            .position(|o| o.name() == "logits")
+            .or_else(|| (session.outputs().len() == 1).then_some(0))
             .ok_or_else(|| not_cross_encoder("it has no output \"logits\"".into()))?;
+        let logits = &session.outputs()[output];
         let shape = logits.dtype().tensor_shape().ok_or_else(|| not_cross_encoder("its output is not a tensor".into()))?;
         let label = match shape.len() {
             2 if shape[1] == 1 => 0,
@@ -203,7 +206,7 @@ impl Reranker {
         if logits.dtype().tensor_type() != Some(ort::value::TensorElementType::Float32) {
             return Err(not_cross_encoder("its output is not float32".into()));
         }
-        Ok(Reranker { name: String::new(), session: Mutex::new(session), tokenizer, has_token_types, label, max_tokens, provider })
+        Ok(Reranker { name: String::new(), session: Mutex::new(session), tokenizer, has_token_types, output, label, max_tokens, provider })
     }
 
     /// Scores every document against `query` (higher is more relevant), in the documents'
@@ -280,7 +283,7 @@ impl Reranker {
                 false
             });
             let result = session.run_with_options(inputs, &options).map_err(rt).and_then(|outputs| {
-                let (out_shape, values) = outputs[0].try_extract_tensor::<f32>().map_err(rt)?;
+                let (out_shape, values) = outputs[self.output].try_extract_tensor::<f32>().map_err(rt)?;
                 let width = out_shape.get(1).copied().unwrap_or(1) as usize;
                 if out_shape.first().copied() != Some(n as i64) || values.len() != n * width {
                     return Err(ModelError::Runtime(format!("the reranker returned logits of shape {out_shape:?} for {n} pairs")));
