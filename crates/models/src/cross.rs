@@ -339,70 +339,59 @@ impl CrossEncoder {
         };
         let trained: Vec<Var> = self.weights.iter().filter(|(n, _)| !frozen(n)).map(|(_, v)| v.clone()).collect();
         self.trained = self.weights.keys().filter(|n| !frozen(n)).cloned().collect();
-        let result = self.optimise_steps(items, batch_size, length, settings, report, loss_of, trained);
+        // the steps see the model read-only; whatever they return, nothing stays tracked after
+        let this = &*self;
+        let result = (|| -> Result<f32, ModelError> {
+            let params = ParamsAdamW { lr: settings.learning_rate, weight_decay: settings.weight_decay, ..Default::default() };
+            let mut opt = AdamW::new(trained, params)?;
+            let total = items.div_ceil(batch_size) * settings.epochs;
+            let warmup = (total / 10).max(1);
+            let mut rng = Rng(settings.seed);
+            let mut step = 0;
+            let mut epoch_loss = 0.0;
+            for _ in 0..settings.epochs {
+                let mut order: Vec<usize> = (0..items).collect();
+                for i in (1..order.len()).rev() {
+                    order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+                }
+                // similar lengths in one batch pad less: sort within windows of 8 batches
+                for window in order.chunks_mut(batch_size * 8) {
+                    window.sort_by_key(|&i| length(i));
+                }
+                let mut batches: Vec<&[usize]> = order.chunks(batch_size).collect();
+                for i in (1..batches.len()).rev() {
+                    batches.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+                }
+                epoch_loss = 0.0;
+                for (n, batch) in batches.iter().enumerate() {
+                    let lr = if step < warmup {
+                        settings.learning_rate * (step + 1) as f64 / warmup as f64
+                    } else {
+                        settings.learning_rate * (total - step) as f64 / (total - warmup).max(1) as f64
+                    };
+                    opt.set_learning_rate(lr);
+                    let loss = loss_of(this, batch)?;
+                    opt.backward_step(&loss)?;
+                    let l = loss.to_scalar::<f32>()?;
+                    epoch_loss += l;
+                    step += 1;
+                    if !report(step, total, l, epoch_loss / (n + 1) as f32) {
+                        return Err(ModelError::Invalid("cancelled".into()));
+                    }
+                }
+                epoch_loss /= batches.len() as f32;
+            }
+            Ok(epoch_loss)
+        })();
         self.trained.clear();
         result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn optimise_steps(
-        &mut self,
-        items: usize,
-        batch_size: usize,
-        length: impl Fn(usize) -> usize,
-        settings: &TrainSettings,
-        report: StepReport,
-        loss_of: impl Fn(&CrossEncoder, &[usize]) -> Result<Tensor, ModelError>,
-        trained: Vec<Var>,
-    ) -> Result<f32, ModelError> {
-        let params = ParamsAdamW { lr: settings.learning_rate, weight_decay: settings.weight_decay, ..Default::default() };
-        let mut opt = AdamW::new(trained, params)?;
-        let total = items.div_ceil(batch_size) * settings.epochs;
-        let warmup = (total / 10).max(1);
-        let mut rng = Rng(settings.seed);
-        let mut step = 0;
-        let mut epoch_loss = 0.0;
-        for _ in 0..settings.epochs {
-            let mut order: Vec<usize> = (0..items).collect();
-            for i in (1..order.len()).rev() {
-                order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-            }
-            // similar lengths in one batch pad less: sort within windows of 8 batches
-            for window in order.chunks_mut(batch_size * 8) {
-                window.sort_by_key(|&i| length(i));
-            }
-            let mut batches: Vec<&[usize]> = order.chunks(batch_size).collect();
-            for i in (1..batches.len()).rev() {
-                batches.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-            }
-            epoch_loss = 0.0;
-            for (n, batch) in batches.iter().enumerate() {
-                let lr = if step < warmup {
-                    settings.learning_rate * (step + 1) as f64 / warmup as f64
-                } else {
-                    settings.learning_rate * (total - step) as f64 / (total - warmup).max(1) as f64
-                };
-                opt.set_learning_rate(lr);
-                let loss = loss_of(self, batch)?;
-                opt.backward_step(&loss)?;
-                let l = loss.to_scalar::<f32>()?;
-                epoch_loss += l;
-                step += 1;
-                if !report(step, total, l, epoch_loss / (n + 1) as f32) {
-                    return Err(ModelError::Invalid("cancelled".into()));
-                }
-            }
-            epoch_loss /= batches.len() as f32;
-        }
-        Ok(epoch_loss)
     }
 
     /// Writes a Hugging Face `BertForSequenceClassification` folder and its ONNX export.
     pub fn save(&self, dir: &Path, base: &Path) -> Result<(), ModelError> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let tensors: Vec<(String, Tensor)> = self.weights.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        let path = dir.join("model.safetensors");
-        candle_core::safetensors::save(&tensors.iter().map(|(n, t)| (n.clone(), t.clone())).collect(), &path)?;
+        let tensors: std::collections::HashMap<String, Tensor> = self.weights.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
         let c = &self.config;
         let config = serde_json::json!({
             "architectures": ["BertForSequenceClassification"],
