@@ -365,7 +365,7 @@ sql_function!(lorag_generate, pg_finfo_lorag_generate, |fcinfo| {
 });
 
 /// Scores of `documents` against `query` with the reranker `spec`: in the shared worker, or
-/// here with a check for cancel between batches.
+/// here, where query cancel terminates the run in progress.
 pub(crate) fn rerank_scores(spec: ModelSpec, query: String, documents: Vec<String>) -> Vec<f32> {
     if documents.is_empty() {
         return Vec::new();

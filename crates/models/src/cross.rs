@@ -212,15 +212,9 @@ impl CrossEncoder {
     pub fn encode(&self, pairs: &[(&str, &str)]) -> Result<(Tensor, Tensor, Tensor), ModelError> {
         let inputs: Vec<(String, String)> = pairs.iter().map(|(q, p)| (q.to_string(), p.to_string())).collect();
         let enc = self.tokenizer.encode_batch(inputs, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let len = enc.iter().map(|e| e.get_ids().len()).max().unwrap_or(1).max(1);
+        let (len, ids, types, mask) = crate::embed::padded(&enc.iter().collect::<Vec<_>>());
         let n = enc.len();
-        let (mut ids, mut types, mut mask) = (Vec::with_capacity(n * len), Vec::with_capacity(n * len), Vec::with_capacity(n * len));
-        for e in &enc {
-            let k = e.get_ids().len();
-            ids.extend(e.get_ids().iter().copied().chain(std::iter::repeat_n(0, len - k)));
-            types.extend(e.get_type_ids().iter().copied().chain(std::iter::repeat_n(0, len - k)));
-            mask.extend(std::iter::repeat_n(1f32, k).chain(std::iter::repeat_n(0.0, len - k)));
-        }
+        let mask: Vec<f32> = mask.into_iter().map(|m| m as f32).collect();
         Ok((
             Tensor::from_vec(ids, (n, len), &self.device)?,
             Tensor::from_vec(types, (n, len), &self.device)?,

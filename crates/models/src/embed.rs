@@ -111,20 +111,8 @@ impl Embedder {
 
     /// One padded forward pass over `encodings`.
     fn forward(&self, encodings: &[&tokenizers::Encoding]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let len = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(1).max(1);
+        let (len, ids, types, mask) = padded(encodings);
         let n = encodings.len();
-        let mut ids = Vec::with_capacity(n * len);
-        let mut types = Vec::with_capacity(n * len);
-        let mut mask = Vec::with_capacity(n * len);
-        for e in encodings {
-            let k = e.get_ids().len();
-            ids.extend(e.get_ids().iter().copied());
-            ids.extend(std::iter::repeat_n(0, len - k));
-            types.extend(e.get_type_ids().iter().copied());
-            types.extend(std::iter::repeat_n(0, len - k));
-            mask.extend(std::iter::repeat_n(1u32, k));
-            mask.extend(std::iter::repeat_n(0, len - k));
-        }
         let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
         let types = Tensor::from_vec(types, (n, len), &self.device)?;
         let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
@@ -142,6 +130,21 @@ impl Embedder {
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
+}
+
+/// Token ids, token types and attention mask (1 for a token, 0 for padding) of `encodings`,
+/// each padded with zeros to the longest (at least 1), row after row; and that length.
+pub(crate) fn padded(encodings: &[&tokenizers::Encoding]) -> (usize, Vec<u32>, Vec<u32>, Vec<u32>) {
+    let len = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(1).max(1);
+    let n = encodings.len();
+    let (mut ids, mut types, mut mask) = (Vec::with_capacity(n * len), Vec::with_capacity(n * len), Vec::with_capacity(n * len));
+    for e in encodings {
+        let pad = len - e.get_ids().len();
+        ids.extend(e.get_ids().iter().copied().chain(std::iter::repeat_n(0, pad)));
+        types.extend(e.get_type_ids().iter().copied().chain(std::iter::repeat_n(0, pad)));
+        mask.extend(std::iter::repeat_n(1, e.get_ids().len()).chain(std::iter::repeat_n(0, pad)));
+    }
+    (len, ids, types, mask)
 }
 
 /// Indices grouped so that a group's longest text is at most 1/8 (and 8 tokens) longer than

@@ -247,18 +247,10 @@ impl Reranker {
 
     /// One padded ONNX Runtime run, terminated when `cancelled` turns true meanwhile.
     fn run(&self, batch: &[&tokenizers::Encoding], cancelled: &(dyn Fn() -> bool + Sync)) -> Result<Vec<f32>, ModelError> {
-        let len = batch.iter().map(|e| e.get_ids().len()).max().unwrap_or(1).max(1);
+        let (len, ids, types, mask) = crate::embed::padded(batch);
         let n = batch.len();
-        let (mut ids, mut mask, mut types) = (Vec::with_capacity(n * len), Vec::with_capacity(n * len), Vec::with_capacity(n * len));
-        for e in batch {
-            let k = e.get_ids().len();
-            ids.extend(e.get_ids().iter().map(|&t| t as i64));
-            ids.extend(std::iter::repeat_n(0, len - k));
-            mask.extend(std::iter::repeat_n(1i64, k));
-            mask.extend(std::iter::repeat_n(0, len - k));
-            types.extend(e.get_type_ids().iter().map(|&t| t as i64));
-            types.extend(std::iter::repeat_n(0, len - k));
-        }
+        let wide = |v: Vec<u32>| v.into_iter().map(i64::from).collect::<Vec<i64>>();
+        let (ids, types, mask) = (wide(ids), wide(types), wide(mask));
         let rt = |e: ort::Error| ModelError::Runtime(e.to_string());
         let shape = [n as i64, len as i64];
         let mut inputs = vec![
