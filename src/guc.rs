@@ -15,7 +15,7 @@ pub static LORAG_GENERATION_MODEL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"SmolLM2-135M-Instruct"));
 /// `lorag.reranker_model`: the cross-encoder `rerank()` and `rag_retrieve()` use by default.
 pub static LORAG_RERANKER_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"minilm-reranker"));
-/// `lorag.onnxruntime_library`: the ONNX Runtime shared library rerankers run on.
+/// `lorag.onnxruntime_library`: the ONNX Runtime shared library rerankers and embedders run on.
 pub static LORAG_ONNXRUNTIME_LIBRARY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// `lorag.adapter_dir`: where `lora_export()` / `lora_import()` files live.
 pub static LORAG_ADAPTER_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -30,6 +30,29 @@ pub static HNSW_EF_SEARCH: GucSetting<i32> = GucSetting::<i32>::new(lorag_hnsw::
 /// `hnsw.max_scan_tuples`: how many elements an iterative scan may visit.
 pub static HNSW_MAX_SCAN_TUPLES: GucSetting<i32> = GucSetting::<i32>::new(20_000);
 pub static HNSW_ITERATIVE_SCAN: GucSetting<IterativeScan> = GucSetting::<IterativeScan>::new(IterativeScan::Off);
+
+/// `lorag.embedding_runtime`: which runtime computes embedders.
+pub static LORAG_EMBEDDING_RUNTIME: GucSetting<EmbeddingRuntime> = GucSetting::<EmbeddingRuntime>::new(EmbeddingRuntime::Auto);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PostgresGucEnum)]
+pub enum EmbeddingRuntime {
+    #[name = c"auto"]
+    Auto,
+    #[name = c"candle"]
+    Candle,
+    #[name = c"onnxruntime"]
+    Onnxruntime,
+}
+
+impl EmbeddingRuntime {
+    pub fn name(self) -> &'static str {
+        match self {
+            EmbeddingRuntime::Auto => "auto",
+            EmbeddingRuntime::Candle => "candle",
+            EmbeddingRuntime::Onnxruntime => "onnxruntime",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PostgresGucEnum)]
 pub enum IterativeScan {
@@ -84,6 +107,14 @@ pub fn init() {
         c"auto uses CUDA when this build and machine have it, else the CPU; lorag.worker_status() shows which runs.",
         &LORAG_DEVICE,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"lorag.embedding_runtime",
+        c"Which runtime computes embeddings: auto, candle or onnxruntime.",
+        c"auto runs a model folder's model.onnx on ONNX Runtime when lorag.onnxruntime_library is set (several times faster on the CPU), and model.safetensors on candle otherwise.",
+        &LORAG_EMBEDDING_RUNTIME,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(

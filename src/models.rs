@@ -9,7 +9,7 @@
 
 use crate::fmgr::{arg_i32, arg_is_null, sql_function};
 use crate::guc::{
-    LORAG_DEVICE, LORAG_EMBEDDING_MODEL, LORAG_GENERATION_MODEL, LORAG_MAX_TOKENS, LORAG_MODEL_DIR, LORAG_ONNXRUNTIME_LIBRARY,
+    LORAG_DEVICE, LORAG_EMBEDDING_RUNTIME, LORAG_EMBEDDING_MODEL, LORAG_GENERATION_MODEL, LORAG_MAX_TOKENS, LORAG_MODEL_DIR, LORAG_ONNXRUNTIME_LIBRARY,
     LORAG_RERANKER_MODEL, LORAG_USE_WORKER,
 };
 use crate::worker;
@@ -128,7 +128,12 @@ pub(crate) fn lookup(name: Option<String>, kind: &str) -> ModelSpec {
         PathBuf::from(dir).join(path)
     };
     let device = LORAG_DEVICE.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
-    ModelSpec { name, path, checksum, device }
+    let mut spec = ModelSpec::new(&name, path, checksum, &device);
+    spec.library = LORAG_ONNXRUNTIME_LIBRARY.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+    if kind == "embedding" {
+        spec.runtime = LORAG_EMBEDDING_RUNTIME.get().name().into();
+    }
+    spec
 }
 
 /// Says once per connection why models load here, and how to share them instead.
@@ -371,16 +376,15 @@ pub(crate) fn rerank_scores(spec: ModelSpec, query: String, documents: Vec<Strin
         return Vec::new();
     }
     let n = documents.len();
-    let library = LORAG_ONNXRUNTIME_LIBRARY.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
     let scores = if worker::enabled() {
-        match worker::call(&Request::Rerank { model: spec, library, query, documents }) {
+        match worker::call(&Request::Rerank { model: spec, query, documents }) {
             Response::Scores(s) if s.len() == n => s,
             Response::Error(e) => raise(e),
             other => raise(ModelError::Runtime(format!("unexpected answer from the model worker: {other:?}"))),
         }
     } else {
         notice_in_backend();
-        let reranker = lorag_models::rerank::reranker(&spec, &library).unwrap_or_else(|e| raise(e));
+        let reranker = lorag_models::rerank::reranker(&spec).unwrap_or_else(|e| raise(e));
         let docs: Vec<&str> = documents.iter().map(String::as_str).collect();
         // The watcher thread only reads the flags the signal handlers set for query cancel,
         // statement_timeout and termination (it never calls PostgreSQL); the ERROR itself is
@@ -418,12 +422,13 @@ sql_function!(lorag_rerank, pg_finfo_lorag_rerank, |fcinfo| {
     out.into_datum().expect("an array is never NULL")
 });
 
-fn rerankers_text(loaded: &[(String, String)]) -> String {
+/// "name: runtime" pairs as one comma-separated field.
+fn runtimes_text(loaded: &[(String, String)]) -> String {
     loaded.iter().map(|(name, provider)| format!("{name}: {provider}")).collect::<Vec<_>>().join(",")
 }
 
 // lorag._worker_status() → text[] (mode, device, models, memory, queue, requests, pid, batches,
-// batched texts, decoding steps, decoded streams)
+// batched texts, decoding steps, decoded streams, rerankers, embedders)
 sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
     let fields: Vec<Option<String>> = if worker::enabled() {
         let Response::Status(s) = worker::call(&Request::Status) else {
@@ -441,12 +446,13 @@ sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
             Some(s.batched_texts.to_string()),
             Some(s.decode_steps.to_string()),
             Some(s.decoded_streams.to_string()),
-            Some(rerankers_text(&s.rerankers)),
+            Some(runtimes_text(&s.rerankers)),
+            Some(runtimes_text(&s.embedders)),
         ]
     } else {
-        let (device, models) = ENGINE.with(|e| {
+        let (device, models, embedders) = ENGINE.with(|e| {
             let e = e.borrow();
-            (e.device().map(str::to_owned), e.loaded_models().to_vec())
+            (e.device().map(str::to_owned), e.loaded_models().to_vec(), e.runtimes().to_vec())
         });
         let mode = if worker::preloaded() && !LORAG_USE_WORKER.get() {
             "in-backend: lorag.use_worker is off in this session"
@@ -465,7 +471,8 @@ sql_function!(lorag_worker_status, pg_finfo_lorag_worker_status, |_fcinfo| {
             None,
             None,
             None,
-            Some(rerankers_text(&lorag_models::rerank::loaded())),
+            Some(runtimes_text(&lorag_models::rerank::loaded())),
+            Some(runtimes_text(&embedders)),
         ]
     };
     fields.into_datum().expect("an array is never NULL")

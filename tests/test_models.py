@@ -11,6 +11,8 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
+from conftest import assert_clean_error
+
 ROOT = Path(__file__).resolve().parents[1]
 CRANFIELD = ROOT.parent / "shared" / "data" / "cranfield" / "beir"
 
@@ -30,7 +32,9 @@ def emb(conn, text, model=None):
     return as_np(conn.execute("SELECT embed(%s, %s)", (text, model)).fetchone()[0])
 
 
-def test_embeddings_match_the_reference_values(vconn):
+@pytest.mark.parametrize("runtime", ["auto", "candle"])
+def test_embeddings_match_the_reference_values(vconn, runtime):
+    vconn.execute(f"SET lorag.embedding_runtime = {runtime}")
     a = emb(vconn, "A man is eating food.")
     b = emb(vconn, "A man is eating a piece of bread.")
     c = emb(vconn, "The new movie is awesome.")
@@ -97,14 +101,16 @@ def test_worker_status_reports_the_device(vconn):
 
 @pytest.fixture
 def broken_model(tmp_path_factory):
-    """A copy of MiniLM whose weights are cut in half, readable by the server's OS user."""
+    """A copy of MiniLM whose weights (model.safetensors and its ONNX export) are cut in half,
+    readable by the server's OS user."""
     src = Path(os.environ.get("LORAG_MODEL_DIR", ROOT / "models")) / "all-MiniLM-L6-v2"
     dest = Path("/tmp/lorag-test-broken-model")
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(src, dest)
-    w = dest / "model.safetensors"
-    data = w.read_bytes()
-    w.write_bytes(data[: len(data) // 2])
+    for w in (dest / "model.safetensors", dest / "model.onnx"):
+        if w.exists():
+            data = w.read_bytes()
+            w.write_bytes(data[: len(data) // 2])
     os.chmod(dest, 0o755)
     yield dest
     shutil.rmtree(dest, ignore_errors=True)
@@ -120,11 +126,15 @@ def test_bad_models_are_clean_errors(vconn, broken_model):
     e = err("SELECT embed('x', 'no-such-model')")
     assert e.sqlstate == "42704" and "all-MiniLM-L6-v2" in e.diag.message_hint
     vconn.execute("SELECT lorag.register_model('broken', 'embedding', %s, 384)", (str(broken_model),))
-    e = err("SELECT embed('x', 'broken')")
-    assert e.sqlstate == "XX001" and "corrupted" in str(e)
-    vconn.execute("SELECT lorag.register_model('broken-sum', 'embedding', %s, 384, %s)", (str(broken_model), "0" * 64))
-    e = err("SELECT embed('x', 'broken-sum')")
-    assert e.sqlstate == "XX001" and "sha256" in str(e)
+    for runtime in ("auto", "candle"):  # ONNX Runtime on model.onnx (when set up), candle on model.safetensors
+        vconn.execute(f"SET lorag.embedding_runtime = {runtime}")
+        e = err("SELECT embed('x', 'broken')")
+        assert e.sqlstate == "XX001" and "corrupted" in str(e)
+        vconn.execute("SELECT lorag.register_model('broken-sum', 'embedding', %s, 384, %s) WHERE NOT EXISTS "
+                      "(SELECT FROM lorag.models WHERE name = 'broken-sum')", (str(broken_model), "0" * 64))
+        e = err("SELECT embed('x', 'broken-sum')")
+        assert e.sqlstate == "XX001" and "sha256" in str(e)
+    vconn.execute("RESET lorag.embedding_runtime")
     e = err("SELECT lorag.register_model('escape', 'embedding', '../../etc', 384)")
     assert e.sqlstate == "42501"
     vconn.execute("SET lorag.model_dir = '/nonexistent/models'")
@@ -139,6 +149,51 @@ def test_bad_models_are_clean_errors(vconn, broken_model):
     assert e.sqlstate == "22023" and "auto, cpu or cuda" in str(e)
     vconn.execute("RESET lorag.device")
     vconn.execute("DELETE FROM lorag.models WHERE name IN ('broken', 'broken-sum', 'fresh')")
+
+
+@pytest.fixture
+def onnx_only_model(tmp_path_factory):
+    """MiniLM's ONNX export and tokenizer alone (no safetensors, no config.json), as a user's
+    Hugging Face feature-extraction export would be."""
+    src = Path(os.environ.get("LORAG_MODEL_DIR", ROOT / "models")) / "all-MiniLM-L6-v2"
+    if not (src / "model.onnx").exists():
+        pytest.skip("no ONNX export of MiniLM (make models makes it)")
+    dest = Path("/tmp/lorag-test-onnx-only")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    for f in ("model.onnx", "tokenizer.json"):
+        shutil.copy(src / f, dest / f)
+    os.chmod(dest, 0o755)
+    yield dest
+    shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_runtimes_agree_and_the_status_says_which_runs(vconn, onnx_only_model):
+    if not vconn.execute("SHOW lorag.onnxruntime_library").fetchone()[0]:
+        pytest.skip("lorag.onnxruntime_library is not set")
+    texts = ["hnsw", "", "What is the lift of a swept wing?", "boundary layer transition " * 120]
+    out = {}
+    for runtime, expected in (("candle", "candle cpu"), ("onnxruntime", "onnxruntime CPUExecutionProvider")):
+        vconn.execute(f"SET lorag.embedding_runtime = {runtime}")
+        out[runtime] = [as_np(v) for v in vconn.execute("SELECT embed(%s::text[])", (texts,)).fetchone()[0]]
+        embedders = vconn.execute("SELECT embedders FROM lorag.worker_status()").fetchone()[0]
+        assert f"all-MiniLM-L6-v2: {expected}" in embedders
+    for a, b in zip(out["candle"], out["onnxruntime"]):
+        assert a @ b > 0.9999
+    # a folder with only an ONNX export and a tokenizer is an embedder too (auto picks ONNX Runtime)
+    vconn.execute("RESET lorag.embedding_runtime")
+    vconn.execute("SELECT lorag.register_model('onnx-only', 'embedding', %s, 384)", (str(onnx_only_model),))
+    v = emb(vconn, "What is the lift of a swept wing?", "onnx-only")
+    assert v @ out["candle"][2] > 0.9999
+    vconn.execute("SET lorag.embedding_runtime = candle")
+    assert_clean_error(vconn, "SELECT embed('x', 'onnx-only')", "58P01", "does not exist")
+    vconn.execute("RESET lorag.embedding_runtime")
+    # a cross-encoder is not an embedder
+    reranker = Path(os.environ.get("LORAG_MODEL_DIR", ROOT / "models")) / "minilm-reranker"
+    if (reranker / "model.onnx").exists():
+        vconn.execute("SELECT lorag.register_model('not-an-embedder', 'embedding', %s, 384)", (str(reranker),))
+        assert_clean_error(vconn, "SELECT embed('x', 'not-an-embedder')", "42809", "not an embedder")
+    vconn.execute("DELETE FROM lorag.models WHERE name IN ('onnx-only', 'not-an-embedder')")
 
 
 def ndcg_at_10(ranked, relevant):

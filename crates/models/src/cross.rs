@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
 
 /// What the cross-encoder needs of a BERT `config.json`.
@@ -410,6 +410,20 @@ impl CrossEncoder {
     }
 }
 
+/// Exports the BERT encoder in `dir` (a sentence-embedding model folder) to `dir/model.onnx`
+/// as a feature-extraction graph ([`crate::onnx::feature_extractor`]) that records the sha256
+/// of the `model.safetensors` it was made from; the file appears whole or not at all.
+pub fn export_embedder(dir: &Path) -> Result<PathBuf, ModelError> {
+    let source = crate::sha256_file(&dir.join("model.safetensors"))?;
+    let model = CrossEncoder::load(dir, 512, 0, &Device::Cpu)?;
+    let bytes = crate::onnx::feature_extractor(&model.config, &|name| model.w(name), &source)?;
+    let out = dir.join("model.onnx");
+    let partial = dir.join(format!(".model.onnx.{}", std::process::id()));
+    std::fs::write(&partial, bytes).map_err(|e| ModelError::io(&partial, e))?;
+    std::fs::rename(&partial, &out).map_err(|e| ModelError::io(&out, e))?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,8 +471,9 @@ mod tests {
 
         let dir = std::env::temp_dir().join(format!("lorag-cross-{}", std::process::id()));
         model.save(&dir, &base).unwrap();
-        let spec = crate::engine::ModelSpec { name: "t".into(), path: dir.clone(), checksum: None, device: "cpu".into() };
-        let reranker = crate::rerank::reranker(&spec, library.to_str().unwrap()).unwrap();
+        let mut spec = crate::engine::ModelSpec::new("t", dir.clone(), None, "cpu");
+        spec.library = library.to_str().unwrap().into();
+        let reranker = crate::rerank::reranker(&spec).unwrap();
         let docs: Vec<&str> = pairs.iter().map(|p| p.1).collect();
         let onnx = reranker.score(pairs[0].0, &docs, &|| false).unwrap();
         let candle: Vec<f32> = model.score(&docs.iter().map(|d| (pairs[0].0, *d)).collect::<Vec<_>>()).unwrap();

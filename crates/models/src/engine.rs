@@ -23,11 +23,23 @@ pub struct ModelSpec {
     pub checksum: Option<String>,
     /// `lorag.device` of the caller: auto | cpu | cuda:N.
     pub device: String,
+    /// `lorag.embedding_runtime` of the caller: auto | candle | onnxruntime.
+    #[serde(default)]
+    pub runtime: String,
+    /// `lorag.onnxruntime_library` of the caller (empty: not set).
+    #[serde(default)]
+    pub library: String,
 }
 
 impl ModelSpec {
-    fn key(&self) -> (PathBuf, Option<String>, String) {
-        (self.path.clone(), self.checksum.clone(), self.device.clone())
+    /// A spec with the default runtime and no ONNX Runtime library.
+    pub fn new(name: &str, path: impl Into<PathBuf>, checksum: Option<String>, device: &str) -> ModelSpec {
+        ModelSpec { name: name.into(), path: path.into(), checksum, device: device.into(), runtime: String::new(), library: String::new() }
+    }
+
+    /// What tells loaded models apart (the library is one per process).
+    pub fn key(&self) -> (PathBuf, Option<String>, String) {
+        (self.path.clone(), self.checksum.clone(), format!("{} {}", self.device, self.runtime))
     }
 }
 
@@ -50,6 +62,8 @@ pub struct Engine {
     names: Vec<String>,
     /// The device that really runs, once a model is loaded.
     device: Option<String>,
+    /// Each loaded embedder's runtime and device ("candle cpu", "onnxruntime CPUExecutionProvider").
+    runtimes: Vec<(String, String)>,
 }
 
 impl Engine {
@@ -67,11 +81,15 @@ impl Engine {
             }
         }
         let (device, device_name) = DeviceChoice::parse(&spec.device)?.resolve()?;
+        self.named(spec);
+        self.device = Some(device_name);
+        Ok(device)
+    }
+
+    fn named(&mut self, spec: &ModelSpec) {
         if !self.names.contains(&spec.name) {
             self.names.push(spec.name.clone());
         }
-        self.device = Some(device_name);
-        Ok(device)
     }
 
     /// The embedder for `spec`, loaded (checksum verified) on first use.
@@ -79,8 +97,24 @@ impl Engine {
         if let Some(e) = self.embedders.get(&spec.key()) {
             return Ok(e.clone());
         }
-        let device = self.prepare(spec)?;
-        let e = Arc::new(Embedder::load(&spec.path, &device)?);
+        let e = if crate::embed::Runtime::parse(&spec.runtime)?.onnx_for(&spec.path, &spec.library)? {
+            // ONNX Runtime picks its own device (and checks the checksum against the export)
+            let e = Embedder::load_onnx(&spec.path, &spec.device, &spec.library, spec.checksum.as_deref())?;
+            self.named(spec);
+            self.device = Some(match e.runtime.split_once("CUDAExecutionProvider:") {
+                Some((_, n)) => format!("cuda:{n}"),
+                None => "cpu".into(),
+            });
+            e
+        } else {
+            let device = self.prepare(spec)?;
+            let mut e = Embedder::load(&spec.path, &device)?;
+            e.runtime = format!("candle {}", self.device.as_deref().unwrap_or("cpu"));
+            e
+        };
+        self.runtimes.retain(|(name, _)| name != &spec.name);
+        self.runtimes.push((spec.name.clone(), e.runtime.clone()));
+        let e = Arc::new(e);
         self.embedders.insert(spec.key(), e.clone());
         Ok(e)
     }
@@ -123,6 +157,21 @@ impl Engine {
     pub fn device(&self) -> Option<&str> {
         self.device.as_deref()
     }
+
+    /// Each loaded embedder with the runtime that computes it.
+    pub fn runtimes(&self) -> &[(String, String)] {
+        &self.runtimes
+    }
+}
+
+/// What is loaded, for the status.
+#[derive(Debug, Clone, Default)]
+pub struct Described {
+    /// The device candle runs on, once a model is loaded.
+    pub device: Option<String>,
+    pub models: Vec<String>,
+    /// Each loaded embedder with the runtime that computes it.
+    pub embedders: Vec<(String, String)>,
 }
 
 /// What the scheduler of the model process computes; a trait so the batching can be tested
@@ -138,8 +187,8 @@ pub trait Compute {
     fn step(&mut self, spec: &ModelSpec, streams: &mut [&mut Self::Stream]) -> Result<(), ModelError>;
     /// The answer of a stream, once it has finished.
     fn finished(&mut self, spec: &ModelSpec, stream: &Self::Stream) -> Option<Result<Generated, ModelError>>;
-    /// Device, loaded models.
-    fn describe(&self) -> (Option<String>, Vec<String>);
+    /// Device, loaded models, the embedders' runtimes.
+    fn describe(&self) -> Described;
     /// The language model of `spec`, for a training or perplexity job that runs beside the
     /// scheduler.
     fn language_model(&mut self, spec: &ModelSpec) -> Result<Arc<Generator>, ModelError> {
@@ -171,8 +220,8 @@ impl Compute for Engine {
         Some(self.generator(spec).and_then(|g| g.result(stream)))
     }
 
-    fn describe(&self) -> (Option<String>, Vec<String>) {
-        (self.device.clone(), self.names.clone())
+    fn describe(&self) -> Described {
+        Described { device: self.device.clone(), models: self.names.clone(), embedders: self.runtimes.clone() }
     }
 
     fn language_model(&mut self, spec: &ModelSpec) -> Result<Arc<Generator>, ModelError> {

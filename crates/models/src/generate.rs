@@ -708,7 +708,7 @@ mod tests {
 
     fn request(prompt: &str, max_tokens: usize) -> GenerateRequest {
         GenerateRequest {
-            model: ModelSpec { name: "g".into(), path: "/".into(), checksum: None, device: "cpu".into() },
+            model: ModelSpec::new("g", "/", None, "cpu"),
             prompt: prompt.into(),
             system: None,
             context: vec![],

@@ -15,6 +15,7 @@ pub mod generate;
 pub mod gguf;
 pub mod lora;
 pub mod onnx;
+pub mod onnxrt;
 pub mod rerank;
 pub mod protocol;
 pub mod serve;
@@ -25,6 +26,11 @@ pub use {candle_core, lorag_lora, tokenizers};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::Path;
+
+/// The sha256 of `bytes`, as lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// The sha256 of a file, as lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String, ModelError> {

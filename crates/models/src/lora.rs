@@ -309,7 +309,7 @@ mod tests {
     #[test]
     fn training_job_learns_and_perplexity_of_the_base_is_unchanged() {
         let Some(g) = smollm2() else { return };
-        let spec = ModelSpec { name: "s".into(), path: "/".into(), checksum: None, device: "cpu".into() };
+        let spec = ModelSpec::new("s", "/", None, "cpu");
         let rows: Vec<String> = (0..40).map(|i| format!("Record {i}: the zebra code of lorag is {}.", i * 7 % 13)).collect();
         let held: Vec<String> = (40..48).map(|i| format!("Record {i}: the zebra code of lorag is {}.", i * 7 % 13)).collect();
         let ppl = |adapter: Option<AdapterPayload>, rows: &[String]| {

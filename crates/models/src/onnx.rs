@@ -1,7 +1,9 @@
-//! ONNX export of the BERT cross-encoder ([`crate::cross`]): the few ONNX protobuf messages a
-//! graph needs (field numbers from `onnx.proto`), and the graph of a Hugging Face
-//! `BertForSequenceClassification` (inputs `input_ids`, `attention_mask`, `token_type_ids`,
-//! output `logits` [batch, 1]) at opset 17, weights as initializers.
+//! ONNX export of BERT encoders ([`crate::cross`]): the few ONNX protobuf messages a graph needs
+//! (field numbers from `onnx.proto`), and at opset 17, weights as initializers, with inputs
+//! `input_ids`, `attention_mask`, `token_type_ids`, the graphs of
+//! - a Hugging Face `BertForSequenceClassification` (output `logits` [batch, 1]): rerankers;
+//! - a plain `BertModel` (output `last_hidden_state` [batch, sequence, hidden]): embedders, as
+//!   Hugging Face's feature-extraction exports are.
 
 use crate::cross::{BertConfig, LAYER_WEIGHTS};
 use crate::ModelError;
@@ -20,6 +22,33 @@ pub struct ModelProto {
     pub graph: Option<GraphProto>,
     #[prost(message, repeated, tag = "8")]
     pub opset_import: Vec<OperatorSetIdProto>,
+    #[prost(message, repeated, tag = "14")]
+    pub metadata_props: Vec<StringStringEntryProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct StringStringEntryProto {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+/// Metadata key of an export made from a `model.safetensors`: that file's sha256, so that the
+/// registry's checksum (of the safetensors) also vouches for the export.
+pub const SOURCE_SHA256: &str = "lorag.source_sha256";
+
+/// A model's metadata alone (prost skips the graph without copying it).
+#[derive(Clone, PartialEq, Message)]
+struct ModelMetadata {
+    #[prost(message, repeated, tag = "14")]
+    metadata_props: Vec<StringStringEntryProto>,
+}
+
+/// The [`SOURCE_SHA256`] an ONNX file records, if it is readable and records one.
+pub fn source_sha256(onnx: &[u8]) -> Option<String> {
+    let m = ModelMetadata::decode(onnx).ok()?;
+    m.metadata_props.into_iter().find(|p| p.key == SOURCE_SHA256).map(|p| p.value)
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -226,97 +255,129 @@ impl Builder {
 /// The serialised ONNX model of a cross-encoder with `config`, weights by
 /// `BertForSequenceClassification` name.
 pub fn cross_encoder(config: &BertConfig, w: &dyn Fn(&str) -> Tensor) -> Result<Vec<u8>, ModelError> {
-    let (h, heads) = (config.hidden_size as i64, config.num_attention_heads as i64);
-    let d = h / heads;
-    let eps = config.layer_norm_eps;
-    let mut g = Builder { graph: GraphProto { name: "lorag_cross_encoder".into(), ..Default::default() }, next: 0 };
-    let batch_seq = [Err("batch"), Err("sequence")];
-    g.graph.input.push(value_info("input_ids", INT64, &batch_seq));
-    g.graph.input.push(value_info("attention_mask", INT64, &batch_seq));
-    g.graph.input.push(value_info("token_type_ids", INT64, &batch_seq));
+    let mut g = Builder::with_inputs("lorag_cross_encoder");
     g.graph.output.push(value_info("logits", FLOAT, &[Err("batch"), Ok(1)]));
-
-    // embeddings: word + position (0..sequence) + token type, then LayerNorm
-    let word_t = g.weight("bert.embeddings.word_embeddings.weight", &w("bert.embeddings.word_embeddings.weight"), false)?;
-    let pos_t = g.weight("bert.embeddings.position_embeddings.weight", &w("bert.embeddings.position_embeddings.weight"), false)?;
-    let type_t = g.weight("bert.embeddings.token_type_embeddings.weight", &w("bert.embeddings.token_type_embeddings.weight"), false)?;
-    let word = g.node("Gather", &[&word_t, "input_ids"], vec![attr_int("axis", 0)]);
-    let shape = g.node("Shape", &["input_ids"], vec![]);
-    let one = g.scalar_int("const_one", 1);
-    let zero = g.scalar_int("const_zero", 0);
-    let seq = g.node("Gather", &[&shape, &one], vec![attr_int("axis", 0)]);
-    let positions = g.node("Range", &[&zero, &seq, &one], vec![]);
-    let pos = g.node("Gather", &[&pos_t, &positions], vec![attr_int("axis", 0)]);
-    let typ = g.node("Gather", &[&type_t, "token_type_ids"], vec![attr_int("axis", 0)]);
-    let sum = g.node("Add", &[&word, &pos], vec![]);
-    let sum = g.node("Add", &[&sum, &typ], vec![]);
-    let mut x = g.layer_norm(&sum, "bert.embeddings.LayerNorm", eps, w)?;
-
-    // attention bias: (mask − 1) · 10000, as [batch, 1, 1, sequence]
-    let maskf = g.node("Cast", &["attention_mask"], vec![attr_int("to", FLOAT as i64)]);
-    let onef = g.scalar_float("const_one_f", 1.0);
-    let big = g.scalar_float("const_mask_scale", 10000.0);
-    let m = g.node("Sub", &[&maskf, &onef], vec![]);
-    let m = g.node("Mul", &[&m, &big], vec![]);
-    let axes = g.ints("const_axes_1_2", &[1, 2]);
-    let bias = g.node("Unsqueeze", &[&m, &axes], vec![]);
-    let split_shape = g.ints("const_split_heads", &[0, 0, heads, d]);
-    let merge_shape = g.ints("const_merge_heads", &[0, 0, h]);
-    let scale = g.scalar_float("const_attention_scale", 1.0 / (d as f32).sqrt());
-    let sqrt_half = g.scalar_float("const_sqrt_half", std::f32::consts::FRAC_1_SQRT_2);
-    let half = g.scalar_float("const_half", 0.5);
-
-    for l in 0..config.num_hidden_layers {
-        let p = |k: usize| {
-            let name = LAYER_WEIGHTS[k];
-            format!("bert.encoder.layer.{l}.{}", &name[..name.rfind('.').expect("a dotted name")])
-        };
-        let heads_of = |g: &mut Builder, k: usize, perm: &[i64]| -> Result<String, ModelError> {
-            let y = g.linear(&x, &p(k), w)?;
-            let y = g.node("Reshape", &[&y, &split_shape], vec![]);
-            Ok(g.node("Transpose", &[&y], vec![attr_ints("perm", perm)]))
-        };
-        let q = heads_of(&mut g, 0, &[0, 2, 1, 3])?;
-        let k = heads_of(&mut g, 2, &[0, 2, 3, 1])?;
-        let v = heads_of(&mut g, 4, &[0, 2, 1, 3])?;
-        let scores = g.node("MatMul", &[&q, &k], vec![]);
-        let scores = g.node("Mul", &[&scores, &scale], vec![]);
-        let scores = g.node("Add", &[&scores, &bias], vec![]);
-        let probs = g.node("Softmax", &[&scores], vec![attr_int("axis", -1)]);
-        let ctx = g.node("MatMul", &[&probs, &v], vec![]);
-        let ctx = g.node("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
-        let ctx = g.node("Reshape", &[&ctx, &merge_shape], vec![]);
-        let a = g.linear(&ctx, &p(6), w)?;
-        let a = g.node("Add", &[&a, &x], vec![]);
-        x = g.layer_norm(&a, &p(8), eps, w)?;
-        // GELU(x) = x · 0.5 · (1 + erf(x / √2))
-        let f = g.linear(&x, &p(10), w)?;
-        let e = g.node("Mul", &[&f, &sqrt_half], vec![]);
-        let e = g.node("Erf", &[&e], vec![]);
-        let e = g.node("Add", &[&e, &onef], vec![]);
-        let e = g.node("Mul", &[&e, &half], vec![]);
-        let f = g.node("Mul", &[&f, &e], vec![]);
-        let f = g.linear(&f, &p(12), w)?;
-        let f = g.node("Add", &[&f, &x], vec![]);
-        x = g.layer_norm(&f, &p(14), eps, w)?;
-    }
-    let cls = g.node("Gather", &[&x, &zero], vec![attr_int("axis", 1)]);
+    let x = g.encoder(config, w)?;
+    let first = g.scalar_int("const_first", 0);
+    let cls = g.node("Gather", &[&x, &first], vec![attr_int("axis", 1)]);
     let pooled = g.linear(&cls, "bert.pooler.dense", w)?;
     let pooled = g.node("Tanh", &[&pooled], vec![]);
     let logits = g.linear(&pooled, "classifier", w)?;
-    g.graph.node.push(NodeProto {
-        input: vec![logits],
-        output: vec!["logits".into()],
-        name: "Identity_logits".into(),
-        op_type: "Identity".into(),
-        attribute: vec![],
-    });
-    let model = ModelProto {
-        ir_version: 8,
-        producer_name: "lorag".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        graph: Some(g.graph),
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
-    };
-    Ok(model.encode_to_vec())
+    Ok(g.finish(&logits, "logits", vec![]))
+}
+
+/// The serialised ONNX model of the encoder alone (a feature-extraction export: the hidden
+/// state of every token; the embedder pools them), weights by `BertForSequenceClassification`
+/// name; `source_sha256` (of the weights it was made from) is recorded in the metadata.
+pub fn feature_extractor(config: &BertConfig, w: &dyn Fn(&str) -> Tensor, source_sha256: &str) -> Result<Vec<u8>, ModelError> {
+    let mut g = Builder::with_inputs("lorag_feature_extractor");
+    g.graph.output.push(value_info("last_hidden_state", FLOAT, &[Err("batch"), Err("sequence"), Ok(config.hidden_size as i64)]));
+    let x = g.encoder(config, w)?;
+    let metadata = vec![StringStringEntryProto { key: SOURCE_SHA256.into(), value: source_sha256.into() }];
+    Ok(g.finish(&x, "last_hidden_state", metadata))
+}
+
+impl Builder {
+    /// A graph with BERT's three int64 inputs of shape [batch, sequence].
+    fn with_inputs(name: &str) -> Builder {
+        let mut g = Builder { graph: GraphProto { name: name.into(), ..Default::default() }, next: 0 };
+        let batch_seq = [Err("batch"), Err("sequence")];
+        for input in ["input_ids", "attention_mask", "token_type_ids"] {
+            g.graph.input.push(value_info(input, INT64, &batch_seq));
+        }
+        g
+    }
+
+    /// The serialised model, with `value` as the graph output `output`.
+    fn finish(mut self, value: &str, output: &str, metadata_props: Vec<StringStringEntryProto>) -> Vec<u8> {
+        self.graph.node.push(NodeProto {
+            input: vec![value.into()],
+            output: vec![output.into()],
+            name: format!("Identity_{output}"),
+            op_type: "Identity".into(),
+            attribute: vec![],
+        });
+        let model = ModelProto {
+            ir_version: 8,
+            producer_name: "lorag".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            graph: Some(self.graph),
+            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
+            metadata_props,
+        };
+        model.encode_to_vec()
+    }
+
+    /// BERT's embeddings and encoder layers; returns the last hidden state.
+    fn encoder(&mut self, config: &BertConfig, w: &dyn Fn(&str) -> Tensor) -> Result<String, ModelError> {
+        let (h, heads) = (config.hidden_size as i64, config.num_attention_heads as i64);
+        let d = h / heads;
+        let eps = config.layer_norm_eps;
+        let g = self;
+        // embeddings: word + position (0..sequence) + token type, then LayerNorm
+        let word_t = g.weight("bert.embeddings.word_embeddings.weight", &w("bert.embeddings.word_embeddings.weight"), false)?;
+        let pos_t = g.weight("bert.embeddings.position_embeddings.weight", &w("bert.embeddings.position_embeddings.weight"), false)?;
+        let type_t = g.weight("bert.embeddings.token_type_embeddings.weight", &w("bert.embeddings.token_type_embeddings.weight"), false)?;
+        let word = g.node("Gather", &[&word_t, "input_ids"], vec![attr_int("axis", 0)]);
+        let shape = g.node("Shape", &["input_ids"], vec![]);
+        let one = g.scalar_int("const_one", 1);
+        let zero = g.scalar_int("const_zero", 0);
+        let seq = g.node("Gather", &[&shape, &one], vec![attr_int("axis", 0)]);
+        let positions = g.node("Range", &[&zero, &seq, &one], vec![]);
+        let pos = g.node("Gather", &[&pos_t, &positions], vec![attr_int("axis", 0)]);
+        let typ = g.node("Gather", &[&type_t, "token_type_ids"], vec![attr_int("axis", 0)]);
+        let sum = g.node("Add", &[&word, &pos], vec![]);
+        let sum = g.node("Add", &[&sum, &typ], vec![]);
+        let mut x = g.layer_norm(&sum, "bert.embeddings.LayerNorm", eps, w)?;
+
+        // attention bias: (mask − 1) · 10000, as [batch, 1, 1, sequence]
+        let maskf = g.node("Cast", &["attention_mask"], vec![attr_int("to", FLOAT as i64)]);
+        let onef = g.scalar_float("const_one_f", 1.0);
+        let big = g.scalar_float("const_mask_scale", 10000.0);
+        let m = g.node("Sub", &[&maskf, &onef], vec![]);
+        let m = g.node("Mul", &[&m, &big], vec![]);
+        let axes = g.ints("const_axes_1_2", &[1, 2]);
+        let bias = g.node("Unsqueeze", &[&m, &axes], vec![]);
+        let split_shape = g.ints("const_split_heads", &[0, 0, heads, d]);
+        let merge_shape = g.ints("const_merge_heads", &[0, 0, h]);
+        let scale = g.scalar_float("const_attention_scale", 1.0 / (d as f32).sqrt());
+        let sqrt_half = g.scalar_float("const_sqrt_half", std::f32::consts::FRAC_1_SQRT_2);
+        let half = g.scalar_float("const_half", 0.5);
+
+        for l in 0..config.num_hidden_layers {
+            let p = |k: usize| {
+                let name = LAYER_WEIGHTS[k];
+                format!("bert.encoder.layer.{l}.{}", &name[..name.rfind('.').expect("a dotted name")])
+            };
+            let heads_of = |g: &mut Builder, k: usize, perm: &[i64]| -> Result<String, ModelError> {
+                let y = g.linear(&x, &p(k), w)?;
+                let y = g.node("Reshape", &[&y, &split_shape], vec![]);
+                Ok(g.node("Transpose", &[&y], vec![attr_ints("perm", perm)]))
+            };
+            let q = heads_of(g, 0, &[0, 2, 1, 3])?;
+            let k = heads_of(g, 2, &[0, 2, 3, 1])?;
+            let v = heads_of(g, 4, &[0, 2, 1, 3])?;
+            let scores = g.node("MatMul", &[&q, &k], vec![]);
+            let scores = g.node("Mul", &[&scores, &scale], vec![]);
+            let scores = g.node("Add", &[&scores, &bias], vec![]);
+            let probs = g.node("Softmax", &[&scores], vec![attr_int("axis", -1)]);
+            let ctx = g.node("MatMul", &[&probs, &v], vec![]);
+            let ctx = g.node("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+            let ctx = g.node("Reshape", &[&ctx, &merge_shape], vec![]);
+            let a = g.linear(&ctx, &p(6), w)?;
+            let a = g.node("Add", &[&a, &x], vec![]);
+            x = g.layer_norm(&a, &p(8), eps, w)?;
+            // GELU(x) = x · 0.5 · (1 + erf(x / √2))
+            let f = g.linear(&x, &p(10), w)?;
+            let e = g.node("Mul", &[&f, &sqrt_half], vec![]);
+            let e = g.node("Erf", &[&e], vec![]);
+            let e = g.node("Add", &[&e, &onef], vec![]);
+            let e = g.node("Mul", &[&e, &half], vec![]);
+            let f = g.node("Mul", &[&f, &e], vec![]);
+            let f = g.linear(&f, &p(12), w)?;
+            let f = g.node("Add", &[&f, &x], vec![]);
+            x = g.layer_norm(&f, &p(14), eps, w)?;
+        }
+        Ok(x)
+    }
 }

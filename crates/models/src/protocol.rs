@@ -26,7 +26,7 @@ pub enum Request {
     /// Scores `documents` against `query` with a cross-encoder (ONNX Runtime loaded from
     /// `library`); answered with [`Response::Scores`], one per document. Runs on the
     /// connection's own thread, and stops between batches when the backend hangs up.
-    Rerank { model: ModelSpec, library: String, query: String, documents: Vec<String> },
+    Rerank { model: ModelSpec, query: String, documents: Vec<String> },
     /// Opens a training or perplexity job on this connection (answered with
     /// [`JobResponse::Opened`]); the rows follow as [`Request::Job`]s.
     JobOpen(JobSpec),
@@ -67,6 +67,8 @@ pub struct WorkerStatus {
     pub trainings: Vec<TrainingStatus>,
     /// Loaded rerankers and the ONNX Runtime execution provider each really runs on.
     pub rerankers: Vec<(String, String)>,
+    /// Loaded embedders and the runtime that computes each ("onnxruntime CPUExecutionProvider").
+    pub embedders: Vec<(String, String)>,
 }
 
 /// `msg` as one frame.
@@ -134,7 +136,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip_whole_and_byte_by_byte() {
-        let spec = ModelSpec { name: "m".into(), path: "/x".into(), checksum: None, device: "cpu".into() };
+        let spec = ModelSpec::new("m", "/x", None, "cpu");
         let req = Request::Embed { model: spec, texts: vec!["a".into(), "".into(), "ü".repeat(1000)] };
         let frame = encode(&req);
         let body = read_frame(&mut frame.as_slice()).unwrap().unwrap();

@@ -9,18 +9,14 @@
 //! Cancel: every run has its own run options, and a watcher thread terminates the run as soon
 //! as the caller is gone (a closed connection) or cancelled, so a long batch stops mid-way.
 //!
-//! ONNX Runtime is not linked: it is loaded once per process from an absolute path
-//! (`lorag.onnxruntime_library`), after checking the file, so a missing or wrong library is an
-//! error and never a panic.
+//! ONNX Runtime is loaded as [`crate::onnxrt`] says.
 
-use crate::device::DeviceChoice;
 use crate::ModelError;
 use ort::session::{RunOptions, Session};
-use ort::value::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
 
 /// Pairs per ONNX Runtime run, at most, and padded tokens per run, at most.
@@ -29,57 +25,6 @@ const BATCH_TOKENS: usize = 8192;
 
 /// Token limit when neither `config.json` nor `tokenizer_config.json` gives one.
 const DEFAULT_MAX_TOKENS: usize = 512;
-
-/// The library this process loaded ONNX Runtime from (it cannot be unloaded or swapped), and
-/// its environment.
-static RUNTIME: OnceLock<(PathBuf, ort::environment::Environment)> = OnceLock::new();
-static RUNTIME_INIT: Mutex<()> = Mutex::new(());
-
-const LIBRARY_HINT: &str = "Set lorag.onnxruntime_library to the absolute path of libonnxruntime.so from the onnxruntime 1.32 wheel (make models puts it under models/onnxruntime/).";
-
-fn runtime_error(detail: String) -> ModelError {
-    ModelError::Setup { detail, hint: LIBRARY_HINT.into() }
-}
-
-/// Loads ONNX Runtime from `library` once per process.
-pub fn load_runtime(library: &str) -> Result<&'static ort::environment::Environment, ModelError> {
-    let _guard = RUNTIME_INIT.lock().unwrap_or_else(|p| p.into_inner());
-    let path = PathBuf::from(library);
-    if let Some((loaded, env)) = RUNTIME.get() {
-        if *loaded != path && !library.is_empty() {
-            return Err(ModelError::Setup {
-                detail: format!("ONNX Runtime is already loaded from \"{}\" in this process", loaded.display()),
-                hint: "A new lorag.onnxruntime_library takes effect after a server restart.".into(),
-            });
-        }
-        return Ok(env);
-    }
-    if library.is_empty() {
-        return Err(runtime_error("lorag.onnxruntime_library is not set".into()));
-    }
-    if !path.is_absolute() {
-        return Err(runtime_error(format!("lorag.onnxruntime_library \"{library}\" is not an absolute path")));
-    }
-    match std::fs::metadata(&path) {
-        Ok(m) if m.is_file() => {}
-        Ok(_) => return Err(runtime_error(format!("\"{library}\" is not a file"))),
-        Err(e) => return Err(runtime_error(format!("cannot use ONNX Runtime library \"{library}\": {e}"))),
-    }
-    // dlopen, then the version check (ort refuses a library older than its API level)
-    let builder = ort::init_from(&path).map_err(|e| runtime_error(format!("cannot load ONNX Runtime: {e}")))?;
-    let env = builder.with_name("lorag").build().map_err(|e| runtime_error(format!("cannot start ONNX Runtime: {e}")))?;
-    Ok(&RUNTIME.get_or_init(|| (path, env)).1)
-}
-
-/// The execution providers ONNX Runtime was built with.
-fn available_providers() -> Vec<String> {
-    use ort::ep::ExecutionProvider;
-    let mut out = vec!["CPUExecutionProvider".to_string()];
-    if <ort::ep::CUDA as ExecutionProvider>::is_available().unwrap_or(false) {
-        out.push("CUDAExecutionProvider".to_string());
-    }
-    out
-}
 
 pub struct Reranker {
     /// The registered name it was loaded as.
@@ -118,8 +63,6 @@ impl Reranker {
         if !path.is_file() {
             return Err(ModelError::Missing { path });
         }
-        let choice = DeviceChoice::parse(device)?;
-        let env = load_runtime(library)?;
         let max_tokens = declared_max_tokens(dir);
         let mut tokenizer = crate::embed::load_tokenizer(dir, None)?;
         tokenizer
@@ -130,66 +73,14 @@ impl Reranker {
             }))
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
 
-        let cuda = match choice {
-            DeviceChoice::Cpu => None,
-            DeviceChoice::Auto => available_providers().iter().any(|p| p == "CUDAExecutionProvider").then_some(0),
-            DeviceChoice::Cuda(n) => {
-                if !available_providers().iter().any(|p| p == "CUDAExecutionProvider") {
-                    return Err(ModelError::Setup {
-                        detail: format!("device cuda:{n}: this ONNX Runtime library has no CUDA execution provider"),
-                        hint: "Point lorag.onnxruntime_library at the library of the onnxruntime-gpu wheel, or set lorag.device to auto or cpu.".into(),
-                    });
-                }
-                Some(n)
-            }
-        };
-        // the one place sessions are made, with an explicit provider list
-        let build = |cuda: Option<usize>| -> Result<Session, ModelError> {
-            let ort_err = |e: ort::Error| ModelError::corrupt(&path, e);
-            let builder = Session::builder(env).map_err(|e| ModelError::Runtime(e.to_string()))?;
-            let mut builder = match cuda {
-                Some(n) => builder
-                    .with_execution_providers([ort::ep::CUDA::default().with_device_id(n as i32).build().error_on_failure()])
-                    .map_err(|e| ModelError::Setup {
-                        detail: format!("device cuda:{n} is not usable by ONNX Runtime: {e}"),
-                        hint: "Check the CUDA libraries onnxruntime-gpu needs, or set lorag.device to auto or cpu.".into(),
-                    })?,
-                None => builder
-                    .with_execution_providers([ort::ep::CPU::default().build().error_on_failure()])
-                    .map_err(|e| ModelError::Runtime(e.to_string()))?,
-            };
-            let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
-            builder.commit_from_memory(&bytes).map_err(ort_err)
-        };
-        let (session, provider) = match (choice, cuda) {
-            // auto: CUDA when it registers, the CPU otherwise (and the status says which)
-            (DeviceChoice::Auto, Some(n)) => match build(Some(n)) {
-                Ok(s) => (s, format!("CUDAExecutionProvider:{n}")),
-                Err(_) => (build(None)?, "CPUExecutionProvider".to_string()),
-            },
-            (_, Some(n)) => (build(Some(n))?, format!("CUDAExecutionProvider:{n}")),
-            (_, None) => (build(None)?, "CPUExecutionProvider".to_string()),
-        };
+        let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+        let (session, provider) = crate::onnxrt::session(&path, &bytes, device, library)?;
 
         let not_cross_encoder = |why: String| ModelError::Unsuitable {
             detail: format!("\"{}\" is not a cross-encoder: {why}", path.display()),
             hint: "A reranker is a sequence-classification export with inputs input_ids, attention_mask (and token_type_ids) and an output logits of shape [batch, 1] or [batch, 2].".into(),
         };
-        let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
-        for required in ["input_ids", "attention_mask"] {
-            if !names.contains(&required) {
-                return Err(not_cross_encoder(format!("it has no input \"{required}\" (inputs: {})", names.join(", "))));
-            }
-        }
-        if let Some(other) = names.iter().find(|n| !["input_ids", "attention_mask", "token_type_ids"].contains(n)) {
-            return Err(not_cross_encoder(format!("it wants an input \"{other}\"")));
-        }
-        for input in session.inputs() {
-            if input.dtype().tensor_type() != Some(ort::value::TensorElementType::Int64) {
-                return Err(not_cross_encoder(format!("input \"{}\" is not a tensor of int64", input.name())));
-            }
-        }
-        let has_token_types = names.contains(&"token_type_ids");
+        let has_token_types = crate::onnxrt::bert_inputs(&session, &not_cross_encoder)?;
         let output = session
             .outputs()
             .iter()
@@ -247,19 +138,9 @@ impl Reranker {
 
     /// One padded ONNX Runtime run, terminated when `cancelled` turns true meanwhile.
     fn run(&self, batch: &[&tokenizers::Encoding], cancelled: &(dyn Fn() -> bool + Sync)) -> Result<Vec<f32>, ModelError> {
-        let (len, ids, types, mask) = crate::embed::padded(batch);
         let n = batch.len();
-        let wide = |v: Vec<u32>| v.into_iter().map(i64::from).collect::<Vec<i64>>();
-        let (ids, types, mask) = (wide(ids), wide(types), wide(mask));
         let rt = |e: ort::Error| ModelError::Runtime(e.to_string());
-        let shape = [n as i64, len as i64];
-        let mut inputs = vec![
-            ("input_ids", Tensor::from_array((shape, ids)).map_err(rt)?.into_dyn()),
-            ("attention_mask", Tensor::from_array((shape, mask)).map_err(rt)?.into_dyn()),
-        ];
-        if self.has_token_types {
-            inputs.push(("token_type_ids", Tensor::from_array((shape, types)).map_err(rt)?.into_dyn()));
-        }
+        let inputs = crate::onnxrt::encode(batch, self.has_token_types)?;
         let options = RunOptions::new().map_err(rt)?;
         let done = AtomicBool::new(false);
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
@@ -298,8 +179,8 @@ type Key = (PathBuf, Option<String>, String);
 static LOADED: Mutex<Option<HashMap<Key, Arc<Reranker>>>> = Mutex::new(None);
 
 /// The reranker of `spec`, loaded (checksum of `model.onnx` verified) on first use.
-pub fn reranker(spec: &crate::engine::ModelSpec, library: &str) -> Result<Arc<Reranker>, ModelError> {
-    let key = (spec.path.clone(), spec.checksum.clone(), spec.device.clone());
+pub fn reranker(spec: &crate::engine::ModelSpec) -> Result<Arc<Reranker>, ModelError> {
+    let key = spec.key();
     let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
     let map = loaded.get_or_insert_with(HashMap::new);
     if let Some(r) = map.get(&key) {
@@ -312,7 +193,7 @@ pub fn reranker(spec: &crate::engine::ModelSpec, library: &str) -> Result<Arc<Re
             return Err(ModelError::Checksum { path: file, expected: expected.clone(), actual });
         }
     }
-    let mut r = Reranker::load(&spec.path, &spec.device, library)?;
+    let mut r = Reranker::load(&spec.path, &spec.device, &spec.library)?;
     r.name = spec.name.clone();
     let r = Arc::new(r);
     map.insert(key, r.clone());

@@ -97,7 +97,7 @@ struct Shared {
     batches: AtomicU64,
     batched_texts: AtomicU64,
     /// Device and loaded models, as the scheduler last saw them.
-    describe: Mutex<(Option<String>, Vec<String>)>,
+    describe: Mutex<crate::engine::Described>,
     /// Training jobs by connection, for the progress view.
     trainings: Mutex<HashMap<u64, TrainingStatus>>,
 }
@@ -114,7 +114,7 @@ fn send(reply: &Reply, response: &Response) {
 
 impl Shared {
     fn status(&self) -> WorkerStatus {
-        let (device, models) = self.describe.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let crate::engine::Described { device, models, embedders } = self.describe.lock().unwrap_or_else(|p| p.into_inner()).clone();
         WorkerStatus {
             pid: std::process::id(),
             device,
@@ -131,6 +131,7 @@ impl Shared {
             decoded_streams: self.decoded_streams.load(Ordering::Relaxed),
             trainings: self.trainings.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect(),
             rerankers: crate::rerank::loaded(),
+            embedders,
         }
     }
 
@@ -204,12 +205,12 @@ impl Shared {
                     self.served.fetch_add(1, Ordering::Relaxed);
                     send(&reply, &result.map_or_else(Response::Error, Response::Job));
                 }
-                Ok(Request::Rerank { model, library, query, documents }) => {
+                Ok(Request::Rerank { model, query, documents }) => {
                     // on this thread: ONNX Runtime has its own threads, and the scheduler's
                     // embedding and decoding go on meanwhile
                     let result = guarded(|| {
                         let docs: Vec<&str> = documents.iter().map(String::as_str).collect();
-                        crate::rerank::reranker(&model, &library)?.score(&query, &docs, &|| peer_closed(fd))
+                        crate::rerank::reranker(&model)?.score(&query, &docs, &|| peer_closed(fd))
                     });
                     self.served.fetch_add(1, Ordering::Relaxed);
                     send(&reply, &result.map_or_else(Response::Error, Response::Scores));
@@ -484,13 +485,13 @@ mod tests {
             self.computed.fetch_add(texts.len(), Ordering::SeqCst);
             Ok(texts.iter().map(|t| vec![t.len() as f32, t.bytes().next().unwrap_or(0) as f32]).collect())
         }
-        fn describe(&self) -> (Option<String>, Vec<String>) {
-            (Some("cpu".into()), vec!["fake".into()])
+        fn describe(&self) -> crate::engine::Described {
+            crate::engine::Described { device: Some("cpu".into()), models: vec!["fake".into()], embedders: Vec::new() }
         }
     }
 
     fn spec(name: &str) -> ModelSpec {
-        ModelSpec { name: name.into(), path: "/nowhere".into(), checksum: None, device: "cpu".into() }
+        ModelSpec::new(name, "/nowhere", None, "cpu")
     }
 
     fn call(path: &std::path::Path, req: &Request) -> Response {

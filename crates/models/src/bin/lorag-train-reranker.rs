@@ -184,8 +184,9 @@ fn main() {
     // held-out evaluation: queries 151-225, scored by ONNX Runtime on the exported model when
     // its library is given (the path rerank() takes), else by candle
     let onnx = onnxruntime.map(|lib| {
-        let spec = lorag_models::engine::ModelSpec { name: "eval".into(), path: out.clone(), checksum: None, device: "cpu".into() };
-        lorag_models::rerank::reranker(&spec, &lib).expect("the exported model in ONNX Runtime")
+        let mut spec = lorag_models::engine::ModelSpec::new("eval", out.clone(), None, "cpu");
+        spec.library = lib;
+        lorag_models::rerank::reranker(&spec).expect("the exported model in ONNX Runtime")
     });
     let (mut base_sum, mut rr_sum, mut n) = (0.0, 0.0, 0);
     let t = Instant::now();
