@@ -1,5 +1,5 @@
-"""embed() throughput through SQL against Python onnxruntime on the int8 MiniLM ONNX with the same
-tokenizer, in the same run; then 8 connections against 1 (the shared worker batches their
+"""embed() throughput through SQL (the default runtime, and candle) against Python onnxruntime on
+the int8 MiniLM ONNX with the same tokenizer, in the same run; then 8 connections against 1 (the shared worker batches their
 requests), the server's memory growth from 1 to 8 connections (proportional set size of every
 server process, the model process included), and the first embed() of a new connection.
 
@@ -122,16 +122,26 @@ def main():
         t = time.perf_counter()
         c.execute("SELECT cardinality(embed(array_agg(content))) FROM cran_bench").fetchone()
         arr_s = time.perf_counter() - t
+        runtime = c.execute("SELECT embedders FROM lorag.worker_status()").fetchone()[0]
+        # the same query on candle (the runtime without ONNX Runtime), for comparison
+        c.execute("SET lorag.embedding_runtime = candle")
+        c.execute("SELECT embed('warm up')")
+        t = time.perf_counter()
+        c.execute("SELECT count(embed(content)) FROM cran_bench").fetchone()
+        candle_s = time.perf_counter() - t
     embed = ort_embedder()
     embed(texts[:32])
     t = time.perf_counter()
     embed(texts)
     ort_s = time.perf_counter() - t
     print(f"Cranfield abstracts: {len(texts)}")
+    print(f"lorag runtime: {', '.join(runtime or [])}")
     print(f"lorag  SELECT embed(content): {len(texts) / sql_s:7.1f} docs/s   (model load in a new connection {load * 1000:.0f} ms)")
     print(f"python onnxruntime int8     : {len(texts) / ort_s:7.1f} docs/s")
     print(f"ratio lorag / onnxruntime   : {ort_s / sql_s:.2f}x")
     print(f"lorag  SELECT embed(array_agg(content)) (batched): {len(texts) / arr_s:7.1f} docs/s, ratio {ort_s / arr_s:.2f}x")
+    print(f"lorag  SELECT embed(content) on candle (lorag.embedding_runtime = candle): {len(texts) / candle_s:7.1f} docs/s, "
+          f"ratio {ort_s / candle_s:.2f}x")
 
     # 8 connections vs 1, on a slice of the corpus
     sample = texts[:400]
