@@ -41,7 +41,7 @@ def onnx_model():
     return dest
 
 
-def ort_embedder():
+def ort_embedder(model=None, batch=32):
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
@@ -50,12 +50,12 @@ def ort_embedder():
     tok.enable_truncation(256)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = os.cpu_count()
-    sess = ort.InferenceSession(str(onnx_model()), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(model or onnx_model()), opts, providers=["CPUExecutionProvider"])
 
     def embed(texts):
         out = []
-        for i in range(0, len(texts), 32):
-            enc = tok.encode_batch(texts[i:i + 32])
+        for i in range(0, len(texts), batch):
+            enc = tok.encode_batch(texts[i:i + batch])
             n = max(len(e.ids) for e in enc)
             ids = np.array([e.ids + [0] * (n - len(e.ids)) for e in enc], dtype=np.int64)
             mask = np.array([[1] * len(e.ids) + [0] * (n - len(e.ids)) for e in enc], dtype=np.int64)
@@ -134,20 +134,37 @@ def main():
     t = time.perf_counter()
     embed(texts)
     ort_s = time.perf_counter() - t
+    # the compute ceiling of the default runtime: Python onnxruntime on lorag's F32 export, one text per run
+    export = MODEL_DIR / "all-MiniLM-L6-v2" / "model.onnx"
+    ceiling = None
+    if export.exists():
+        single = ort_embedder(export, batch=1)
+        single(texts[:8])
+        t = time.perf_counter()
+        single(texts)
+        ceiling = len(texts) / (time.perf_counter() - t)
     print(f"Cranfield abstracts: {len(texts)}")
     print(f"lorag runtime: {', '.join(runtime or [])}")
     print(f"lorag  SELECT embed(content): {len(texts) / sql_s:7.1f} docs/s   (model load in a new connection {load * 1000:.0f} ms)")
     print(f"python onnxruntime int8     : {len(texts) / ort_s:7.1f} docs/s")
     print(f"ratio lorag / onnxruntime   : {ort_s / sql_s:.2f}x")
+    if ceiling:
+        print(f"python onnxruntime on lorag's F32 export, one text per run (no SQL, no worker): {ceiling:7.1f} docs/s")
     print(f"lorag  SELECT embed(array_agg(content)) (batched): {len(texts) / arr_s:7.1f} docs/s, ratio {ort_s / arr_s:.2f}x")
     print(f"lorag  SELECT embed(content) on candle (lorag.embedding_runtime = candle): {len(texts) / candle_s:7.1f} docs/s, "
           f"ratio {ort_s / candle_s:.2f}x")
 
-    # 8 connections vs 1, on a slice of the corpus
+    # 8 connections vs 1, on a slice of the corpus: the default runtime, then candle
     sample = texts[:400]
+    for runtime in ("auto", "candle"):
+        connections(sample, runtime, memory=runtime == "auto")
+
+
+def connections(sample, runtime, memory):
+    dsn = DSN + f" options='-c lorag.embedding_runtime={runtime}'"
 
     def run(part, hold=None):
-        with psycopg.connect(DSN, autocommit=True) as c:
+        with psycopg.connect(dsn, autocommit=True) as c:
             t0 = time.perf_counter()
             c.execute("SELECT embed('first call')")
             first = time.perf_counter() - t0
@@ -158,12 +175,13 @@ def main():
                 hold.wait()
             return first
 
-    with psycopg.connect(DSN, autocommit=True) as c:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SELECT embed('warm up')")
         mode, b0, t0_ = status(c)
     t = time.perf_counter()
     run(sample)
     one = len(sample) / (time.perf_counter() - t)
-    with psycopg.connect(DSN, autocommit=True) as c:
+    with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("SELECT embed('x')")
         kinds1 = {}
         pss1 = server_pss(kinds1)  # one connection that has embedded
@@ -178,14 +196,15 @@ def main():
         pss8 = server_pss(kinds8)
         hold.wait()
         firsts = [f.result() for f in futures]
-    with psycopg.connect(DSN, autocommit=True) as c:
+    with psycopg.connect(dsn, autocommit=True) as c:
         _, b2, t2 = status(c)
-    print(f"mode: {mode}")
+    print(f"mode: {mode}; lorag.embedding_runtime = {runtime}")
     print(f"1 connection : {one:6.1f} docs/s; 8 connections: {eight:6.1f} docs/s total, ratio {eight / one:.2f}x "
           f"(mean batch {((t1 - t0_) / max(b1 - b0, 1)):.1f} texts with 1 connection, {((t2 - t1) / max(b2 - b1, 1)):.1f} with 8)")
-    print(f"server memory (PSS of all server processes): 1 connection {pss1 / 1e6:.0f} MB, 8 connections {pss8 / 1e6:.0f} MB, "
-          f"growth {(pss8 - pss1) / 1e6:.0f} MB (" + ", ".join(f"{k} {(kinds8.get(k, 0) - kinds1.get(k, 0)) / 1e6:+.0f} MB" for k in sorted(kinds8)) + ")")
-    print(f"first embed() of a new connection: {np.median(firsts) * 1000:.1f} ms (median of 8)")
+    if memory:
+        print(f"server memory (PSS of all server processes): 1 connection {pss1 / 1e6:.0f} MB, 8 connections {pss8 / 1e6:.0f} MB, "
+              f"growth {(pss8 - pss1) / 1e6:.0f} MB (" + ", ".join(f"{k} {(kinds8.get(k, 0) - kinds1.get(k, 0)) / 1e6:+.0f} MB" for k in sorted(kinds8)) + ")")
+        print(f"first embed() of a new connection: {np.median(firsts) * 1000:.1f} ms (median of 8)")
 
 
 if __name__ == "__main__":

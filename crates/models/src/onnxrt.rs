@@ -77,11 +77,7 @@ pub fn session(path: &Path, bytes: &[u8], device: &str, library: &str) -> Result
         }
     };
     let build = |cuda: Option<usize>| -> Result<Session, ModelError> {
-        // no spinning between runs: the model process shares the cores with the backends
-        let builder = Session::builder(env)
-            .map_err(|e| ModelError::Runtime(e.to_string()))?
-            .with_intra_op_spinning(false)
-            .map_err(|e| ModelError::Runtime(e.to_string()))?;
+        let builder = Session::builder(env).map_err(|e| ModelError::Runtime(e.to_string()))?;
         let mut builder = match cuda {
             Some(n) => builder
                 .with_execution_providers([ort::ep::CUDA::default().with_device_id(n as i32).build().error_on_failure()])
