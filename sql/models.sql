@@ -10,13 +10,16 @@ CREATE TABLE lorag.models (
 );
 -- every role may see (and use) the registered models; registering is for superusers
 GRANT SELECT ON lorag.models TO PUBLIC;
-SELECT pg_catalog.pg_extension_config_dump('lorag.models', 'WHERE name NOT IN (''all-MiniLM-L6-v2'', ''SmolLM2-135M-Instruct'', ''minilm-reranker'')');
+SELECT pg_catalog.pg_extension_config_dump('lorag.models', 'WHERE name NOT IN (''all-MiniLM-L6-v2'', ''SmolLM2-135M-Instruct'', ''SmolLM2-135M-Instruct-GGUF'', ''minilm-reranker'')');
 
 INSERT INTO lorag.models (name, kind, path, dimensions, checksum) VALUES
     ('all-MiniLM-L6-v2', 'embedding', 'all-MiniLM-L6-v2', 384,
      '53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db'),
     -- built by make models from the GGUF (or fetched from the Hub), so no fixed checksum
     ('SmolLM2-135M-Instruct', 'generator', 'SmolLM2-135M-Instruct', NULL, NULL),
+    -- the same model as the GGUF of the registry package (Q4_1), decoded from 8-bit blocks
+    ('SmolLM2-135M-Instruct-GGUF', 'generator', 'SmolLM2-135M-Instruct.Q4_1.gguf', NULL,
+     'b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53'),
     -- trained by make models (lorag-train-reranker: MiniLM fine-tuned as a cross-encoder on
     -- Cranfield queries 1-150), so no fixed checksum either
     ('minilm-reranker', 'reranker', 'minilm-reranker', NULL, NULL);

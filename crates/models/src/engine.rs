@@ -74,7 +74,8 @@ impl Engine {
     /// Checks the weights' checksum and resolves the device, before a model loads.
     fn prepare(&mut self, spec: &ModelSpec) -> Result<candle_core::Device, ModelError> {
         if let Some(expected) = &spec.checksum {
-            let weights = spec.path.join("model.safetensors");
+            // a folder's model.safetensors, or a model that is one file (a GGUF)
+            let weights = if spec.path.is_file() { spec.path.clone() } else { spec.path.join("model.safetensors") };
             let actual = crate::sha256_file(&weights)?;
             if &actual != expected {
                 return Err(ModelError::Checksum { path: weights, expected: expected.clone(), actual });

@@ -114,8 +114,17 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> 
     std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
 }
 
-/// Converts the LLaMA-family GGUF at `gguf` into a Hugging Face folder `dest`.
-pub fn convert(gguf: &Path, dest: &Path) -> Result<(), ModelError> {
+/// A GGUF model read into memory as a Hugging Face folder would hold it: F32 tensors by Hugging
+/// Face name (q and k un-permuted), `config.json`, `tokenizer.json`, `tokenizer_config.json`.
+pub struct GgufModel {
+    pub tensors: HashMap<String, Tensor>,
+    pub config: serde_json::Value,
+    pub tokenizer: serde_json::Value,
+    pub tokenizer_config: serde_json::Value,
+}
+
+/// Reads a LLaMA-architecture GGUF.
+pub fn read(gguf: &Path) -> Result<GgufModel, ModelError> {
     let mut file = std::fs::File::open(gguf).map_err(|e| ModelError::io(gguf, e))?;
     let content = Content::read(&mut file).map_err(|e| ModelError::corrupt(gguf, e))?;
     let arch = meta(&content, "general.architecture", gguf)?.to_string().map_err(|e| ModelError::corrupt(gguf, e))?.clone();
@@ -136,7 +145,6 @@ pub fn convert(gguf: &Path, dest: &Path) -> Result<(), ModelError> {
     let eos = meta_u(&content, "tokenizer.ggml.eos_token_id", gguf)?;
     let tied = !content.tensor_infos.contains_key("output.weight");
 
-    std::fs::create_dir_all(dest).map_err(|e| ModelError::io(dest, e))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
@@ -154,9 +162,7 @@ pub fn convert(gguf: &Path, dest: &Path) -> Result<(), ModelError> {
     let embed = tensors.get("model.embed_tokens.weight").ok_or_else(|| ModelError::corrupt(gguf, "no token_embd.weight"))?;
     let (vocab, hidden) = embed.dims2()?;
     let intermediate = meta_u(&content, "llama.feed_forward_length", gguf)?;
-    let weights = dest.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &weights).map_err(|e| ModelError::Io { path: weights.clone(), detail: e.to_string() })?;
-
+    let context = meta_u(&content, "llama.context_length", gguf)?;
     let config = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -168,22 +174,28 @@ pub fn convert(gguf: &Path, dest: &Path) -> Result<(), ModelError> {
         "vocab_size": vocab,
         "rms_norm_eps": meta_f(&content, "llama.attention.layer_norm_rms_epsilon", gguf)?,
         "rope_theta": meta_f(&content, "llama.rope.freq_base", gguf).unwrap_or(10000.0),
-        "max_position_embeddings": meta_u(&content, "llama.context_length", gguf)?,
+        "max_position_embeddings": context,
         "bos_token_id": bos,
         "eos_token_id": eos,
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
         "torch_dtype": "float32",
     });
-    write_json(&dest.join("config.json"), &config)?;
-    write_json(&dest.join("tokenizer.json"), &tokenizer_json(&tokens, &merges, &types))?;
     let template = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned());
     let token = |id: usize| tokens.get(id).cloned().unwrap_or_default();
-    write_json(
-        &dest.join("tokenizer_config.json"),
-        &json!({"bos_token": token(bos), "eos_token": token(eos), "chat_template": template,
-                "model_max_length": meta_u(&content, "llama.context_length", gguf)?}),
-    )?;
+    let tokenizer_config = json!({"bos_token": token(bos), "eos_token": token(eos), "chat_template": template, "model_max_length": context});
+    Ok(GgufModel { tensors, config, tokenizer: tokenizer_json(&tokens, &merges, &types), tokenizer_config })
+}
+
+/// Converts the LLaMA-family GGUF at `gguf` into a Hugging Face folder `dest` (F32 weights).
+pub fn convert(gguf: &Path, dest: &Path) -> Result<(), ModelError> {
+    let model = read(gguf)?;
+    std::fs::create_dir_all(dest).map_err(|e| ModelError::io(dest, e))?;
+    let weights = dest.join("model.safetensors");
+    candle_core::safetensors::save(&model.tensors, &weights).map_err(|e| ModelError::Io { path: weights.clone(), detail: e.to_string() })?;
+    write_json(&dest.join("config.json"), &model.config)?;
+    write_json(&dest.join("tokenizer.json"), &model.tokenizer)?;
+    write_json(&dest.join("tokenizer_config.json"), &model.tokenizer_config)?;
     // The tokenizer must load, or the folder is no use.
     tokenizers::Tokenizer::from_file(dest.join("tokenizer.json")).map_err(|e| ModelError::corrupt(&dest.join("tokenizer.json"), e))?;
     Ok(())
