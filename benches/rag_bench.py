@@ -44,7 +44,7 @@ QUANTISED = "SmolLM2-135M-Instruct-GGUF"
 
 def weight_bytes(bytes_per_weight=4.0):
     """Bytes of weights one decoding step reads: every linear map and the (tied) output head at
-    `bytes_per_weight` (F32: 4; Q8_0 blocks: 34 bytes per 32 weights), the norms in F32."""
+    `bytes_per_weight` (F32: 4; 8-bit blocks: 32 values and one f32 scale per 32 weights), the norms in F32."""
     c = json.loads((MODEL_DIR / "SmolLM2-135M-Instruct" / "config.json").read_text())
     h, L, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
     kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
@@ -82,7 +82,7 @@ def main():
 
         bw = copy_bandwidth()
         prompt = "Write a long story about a dragon who learns to use a database."
-        for model, label, wb in ((None, "F32", weight_bytes()), (QUANTISED, "GGUF, Q8_0 blocks", weight_bytes(34 / 32))):
+        for model, label, wb in ((None, "F32", weight_bytes()), (QUANTISED, "GGUF, 8-bit blocks", weight_bytes(36 / 32))):
             bound = bw / wb
             decode(c, prompt, 4, model)
             runs = [decode(c, prompt, model=model) for _ in range(3)]
@@ -90,7 +90,7 @@ def main():
             print(f"decode, one stream, SmolLM2-135M {label}: {rate:6.1f} tokens/s; bandwidth bound {bound:6.1f} tokens/s "
                   f"({wb / 1e6:.0f} MB of weights per token, copy bandwidth {bw / 1e9:.1f} GB/s): {rate / bound:.2f} of the bound")
 
-    for model, label in ((None, "F32"), (QUANTISED, "GGUF, Q8_0 blocks")):
+    for model, label in ((None, "F32"), (QUANTISED, "GGUF, 8-bit blocks")):
         def stream(i):
             with psycopg.connect(DSN, autocommit=True) as c:
                 n, _, _ = decode(c, f"Write a long story about dragon number {i} who learns SQL.", model=model)

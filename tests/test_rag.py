@@ -1,12 +1,16 @@
 """generate(), rag_retrieve() and rag_answer() through SQL with the real SmolLM2 and MiniLM, and
 every bad input of the RAG issue."""
+import os
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from conftest import assert_clean_error
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,28 @@ def test_generate_answers_greedily_and_repeats_with_a_seed(mconn):
     b = mconn.execute("SELECT generate('Name a colour.', max_tokens => 12, temperature => 0.9, seed => 5)").fetchone()[0]
     assert a == b and a
     assert mconn.execute("SELECT generate(NULL)").fetchone()[0] is None
+
+
+def test_generate_from_a_gguf_file(mconn, tmp_path_factory):
+    """The registry's GGUF row decodes from 8-bit blocks; a truncated GGUF is a clean ERROR."""
+    answer = mconn.execute("SELECT generate('What is the capital of France?', model => 'SmolLM2-135M-Instruct-GGUF')").fetchone()[0]
+    assert "Paris" in answer
+    loaded = mconn.execute("SELECT loaded_models FROM lorag.worker_status()").fetchone()[0]
+    assert "SmolLM2-135M-Instruct-GGUF" in loaded
+    src = Path(os.environ.get("LORAG_MODEL_DIR", ROOT / "models")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    broken = Path("/tmp/lorag-test-broken.gguf")
+    broken.write_bytes(src.read_bytes()[: 40 * 1024 * 1024])
+    os.chmod(broken, 0o644)
+    try:
+        mconn.execute("SELECT lorag.register_model('broken-gguf', 'generator', %s) WHERE NOT EXISTS "
+                      "(SELECT FROM lorag.models WHERE name = 'broken-gguf')", (str(broken),))
+        assert_clean_error(mconn, "SELECT generate('hi', model => 'broken-gguf')", "XX001", "corrupted")
+        mconn.execute("SELECT lorag.register_model('broken-gguf-sum', 'generator', %s, NULL, %s) WHERE NOT EXISTS "
+                      "(SELECT FROM lorag.models WHERE name = 'broken-gguf-sum')", (str(broken), "0" * 64))
+        assert_clean_error(mconn, "SELECT generate('hi', model => 'broken-gguf-sum')", "XX001", "sha256")
+    finally:
+        mconn.execute("DELETE FROM lorag.models WHERE name IN ('broken-gguf', 'broken-gguf-sum')")
+        broken.unlink()
 
 
 def test_rag_retrieve_finds_the_passage_and_views_filter(conn, docs):

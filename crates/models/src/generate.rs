@@ -20,7 +20,6 @@ use crate::lora::AdapterPayload;
 use lorag_lora::Adapter;
 use std::sync::Arc;
 use crate::ModelError;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -57,19 +56,66 @@ fn default_rope_theta() -> f64 {
 /// A frozen weight matrix (out × in).
 enum Weight {
     F32(Tensor),
-    /// 8-bit blocks (GGML's Q8_0: 32 weights share one scale), for GGUF models.
-    Q8(Arc<QTensor>),
+    /// 8-bit blocks, for GGUF models.
+    Q8(Q8Matrix),
+}
+
+/// Rows of 8-bit integers in blocks of [`Q8_BLOCK`] that share one scale (GGML's Q8_0
+/// layout, scales kept as f32): a quarter of F32's bytes.
+struct Q8Matrix {
+    rows: usize,
+    cols: usize,
+    values: Vec<i8>,
+    /// One per block, row after row.
+    scales: Vec<f32>,
+}
+
+const Q8_BLOCK: usize = 32;
+
+impl Q8Matrix {
+    /// Rounds `w` (rows × cols, cols a multiple of [`Q8_BLOCK`]) to 8 bits per block: scale =
+    /// the block's largest magnitude / 127.
+    fn quantize(w: &Tensor) -> candle_core::Result<Q8Matrix> {
+        let (rows, cols) = w.dims2()?;
+        let data = w.flatten_all()?.to_vec1::<f32>()?;
+        let mut values = vec![0i8; rows * cols];
+        let mut scales = vec![0f32; rows * cols / Q8_BLOCK];
+        for ((block, out), scale) in data.chunks(Q8_BLOCK).zip(values.chunks_mut(Q8_BLOCK)).zip(scales.iter_mut()) {
+            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            *scale = max / 127.0;
+            let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+            for (o, v) in out.iter_mut().zip(block) {
+                *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+        }
+        Ok(Q8Matrix { rows, cols, values, scales })
+    }
+
+    fn dequantize(&self, device: &Device) -> candle_core::Result<Tensor> {
+        use rayon::prelude::*;
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(Q8_BLOCK * 256).enumerate().for_each(|(c, chunk)| {
+            for (b, block) in chunk.chunks_mut(Q8_BLOCK).enumerate() {
+                let at = c * 256 + b;
+                let scale = self.scales[at];
+                for (o, v) in block.iter_mut().zip(&self.values[at * Q8_BLOCK..(at + 1) * Q8_BLOCK]) {
+                    *o = *v as f32 * scale;
+                }
+            }
+        });
+        Tensor::from_vec(out, (self.rows, self.cols), device)
+    }
 }
 
 impl Weight {
-    /// `x · Wᵀ`: decoding steps (a few rows) on the blocks themselves; more rows (prompts,
-    /// training) through the F32 matrix, dequantized for the call.
+    /// `x · Wᵀ`: decoding steps (a few rows) on the 8-bit blocks themselves; more rows
+    /// (prompts, training) through the F32 matrix, dequantized for the call.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Weight::F32(w) => linear(x, w),
             Weight::Q8(q) => {
-                if x.dims2()?.0 <= FEW_ROWS && !x.track_op() && x.device().is_cpu() {
-                    QMatMul::from_arc(q.clone())?.forward(&x.contiguous()?)
+                if x.dims2()?.0 <= FEW_ROWS && !x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
+                    few_rows_matmul_q8(x, q)
                 } else {
                     lorag_lora::frozen::frozen_matmul(x, &q.dequantize(x.device())?)
                 }
@@ -80,7 +126,7 @@ impl Weight {
     /// As 8-bit blocks, where the rows split into whole blocks (else as it is).
     fn quantized(self) -> candle_core::Result<Weight> {
         match self {
-            Weight::F32(w) if w.dim(1)? % GgmlDType::Q8_0.block_size() == 0 => Ok(Weight::Q8(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?))),
+            Weight::F32(w) if w.dim(1)? % Q8_BLOCK == 0 && w.device().is_cpu() => Ok(Weight::Q8(Q8Matrix::quantize(&w)?)),
             other => Ok(other),
         }
     }
@@ -89,7 +135,7 @@ impl Weight {
     fn bytes(&self) -> usize {
         match self {
             Weight::F32(w) => w.elem_count() * 4,
-            Weight::Q8(q) => q.storage_size_in_bytes(),
+            Weight::Q8(q) => q.values.len() + 4 * q.scales.len(),
         }
     }
 }
@@ -435,6 +481,74 @@ fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
         }
     }
     Tensor::from_vec(out, (m, n), x.device())
+}
+
+/// [`few_rows_matmul`] on 8-bit blocks: each block is widened to f32 once and multiplied into
+/// every row of `x`.
+fn few_rows_matmul_q8(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let (m, k) = x.dims2()?;
+    if k != w.cols {
+        candle_core::bail!("few_rows_matmul_q8: {m}×{k} times ({}×{})ᵀ", w.rows, w.cols);
+    }
+    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    const CHUNK: usize = 256;
+    let blocks = k / Q8_BLOCK;
+    let mut out_t = vec![0f32; w.rows * m];
+    let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
+    out_t.par_chunks_mut(CHUNK * m).enumerate().for_each(|(c, out)| {
+        for (j, o) in out.chunks_mut(m).enumerate() {
+            let row = c * CHUNK + j;
+            let (values, scales) = (&w.values[row * k..(row + 1) * k], &w.scales[row * blocks..(row + 1) * blocks]);
+            if avx512 {
+                // Safety: the CPU has AVX-512F and FMA (checked above).
+                unsafe { row_dots_q8_avx512(&xs, values, scales, o) }
+            } else {
+                row_dots_q8(&xs, values, scales, o)
+            }
+        }
+    });
+    let mut out = vec![0f32; m * w.rows];
+    for (o, vals) in out_t.chunks(m).enumerate() {
+        for (r, v) in vals.iter().enumerate() {
+            out[r * w.rows + o] = *v;
+        }
+    }
+    Tensor::from_vec(out, (m, w.rows), x.device())
+}
+
+/// [`row_dots`] for a row of 8-bit blocks (`values`, one scale per block).
+#[inline(always)]
+fn row_dots_q8(xs: &[f32], values: &[i8], scales: &[f32], out: &mut [f32]) {
+    let k = values.len();
+    let mut acc = [[0f32; 16]; FEW_ROWS];
+    for (b, &scale) in scales.iter().enumerate() {
+        let mut wide = [0f32; Q8_BLOCK];
+        for (w, v) in wide.iter_mut().zip(&values[b * Q8_BLOCK..(b + 1) * Q8_BLOCK]) {
+            *w = *v as f32 * scale;
+        }
+        for half in 0..Q8_BLOCK / 16 {
+            let wc: &[f32; 16] = wide[half * 16..half * 16 + 16].try_into().expect("16 values");
+            let at = b * Q8_BLOCK + half * 16;
+            for (r, a) in acc.iter_mut().enumerate().take(out.len()) {
+                let xc: &[f32; 16] = xs[r * k + at..r * k + at + 16].try_into().expect("16 values");
+                for l in 0..16 {
+                    a[l] = xc[l].mul_add(wc[l], a[l]);
+                }
+            }
+        }
+    }
+    for (r, v) in out.iter_mut().enumerate() {
+        *v = acc[r].iter().sum::<f32>();
+    }
+}
+
+/// [`row_dots_q8`] compiled for AVX-512.
+///
+/// Safety: the CPU must have AVX-512F and FMA.
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn row_dots_q8_avx512(xs: &[f32], values: &[i8], scales: &[f32], out: &mut [f32]) {
+    row_dots_q8(xs, values, scales, out)
 }
 
 /// `out[r] = x_r · row` for the rows of `xs` (out.len() rows of row.len()): the weight row is
