@@ -448,7 +448,6 @@ fn linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
 /// weights, and candle's matmul packs them for more than one row, which makes 4 rows cost 3× one
 /// row; here 4 streams cost about what one does.
 fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
-    use rayon::prelude::*;
     let (m, k) = x.dims2()?;
     let (n, wk) = weight.dims2()?;
     if k != wk {
@@ -458,63 +457,58 @@ fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let (guard, layout) = weight.storage_and_layout();
     let candle_core::Storage::Cpu(storage) = &*guard else { candle_core::bail!("few_rows_matmul: weight not on the CPU") };
     let w = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * k];
-    // out_t[o·m + r] = x_r · w_o, weight rows in chunks across the cores
-    const CHUNK: usize = 256;
-    let mut out_t = vec![0f32; n * m];
     let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
+    by_weight_rows(m, n, x.device(), |o, out| {
+        let row = &w[o * k..(o + 1) * k];
+        if avx512 {
+            // Safety: the CPU has AVX-512F and FMA (checked above).
+            unsafe { row_dots_avx512(&xs, row, out) }
+        } else {
+            row_dots(&xs, row, out)
+        }
+    })
+}
+
+/// The (m × n) product whose column `o` `dots(o, out)` computes (the m rows of x times weight
+/// row o), weight rows in chunks across the cores.
+fn by_weight_rows(m: usize, n: usize, device: &Device, dots: impl Fn(usize, &mut [f32]) + Sync) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 256;
+    // out_t[o·m + r] = x_r · w_o
+    let mut out_t = vec![0f32; n * m];
     out_t.par_chunks_mut(CHUNK * m).enumerate().for_each(|(c, out)| {
         for (j, o) in out.chunks_mut(m).enumerate() {
-            let row = &w[(c * CHUNK + j) * k..(c * CHUNK + j + 1) * k];
-            if avx512 {
-                // Safety: the CPU has AVX-512F and FMA (checked above).
-                unsafe { row_dots_avx512(&xs, row, o) }
-            } else {
-                row_dots(&xs, row, o)
-            }
+            dots(c * CHUNK + j, o);
         }
     });
-    drop(guard);
     let mut out = vec![0f32; m * n];
     for (o, vals) in out_t.chunks(m).enumerate() {
         for (r, v) in vals.iter().enumerate() {
             out[r * n + o] = *v;
         }
     }
-    Tensor::from_vec(out, (m, n), x.device())
+    Tensor::from_vec(out, (m, n), device)
 }
 
 /// [`few_rows_matmul`] on 8-bit blocks: each block is widened to f32 once and multiplied into
 /// every row of `x`.
 fn few_rows_matmul_q8(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
-    use rayon::prelude::*;
     let (m, k) = x.dims2()?;
     if k != w.cols {
         candle_core::bail!("few_rows_matmul_q8: {m}×{k} times ({}×{})ᵀ", w.rows, w.cols);
     }
     let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    const CHUNK: usize = 256;
     let blocks = k / Q8_BLOCK;
-    let mut out_t = vec![0f32; w.rows * m];
     let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
-    out_t.par_chunks_mut(CHUNK * m).enumerate().for_each(|(c, out)| {
-        for (j, o) in out.chunks_mut(m).enumerate() {
-            let row = c * CHUNK + j;
-            let (values, scales) = (&w.values[row * k..(row + 1) * k], &w.scales[row * blocks..(row + 1) * blocks]);
-            if avx512 {
-                // Safety: the CPU has AVX-512F and FMA (checked above).
-                unsafe { row_dots_q8_avx512(&xs, values, scales, o) }
-            } else {
-                row_dots_q8(&xs, values, scales, o)
-            }
+    by_weight_rows(m, w.rows, x.device(), |o, out| {
+        let (values, scales) = (&w.values[o * k..(o + 1) * k], &w.scales[o * blocks..(o + 1) * blocks]);
+        if avx512 {
+            // Safety: the CPU has AVX-512F and FMA (checked above).
+            unsafe { row_dots_q8_avx512(&xs, values, scales, out) }
+        } else {
+            row_dots_q8(&xs, values, scales, out)
         }
-    });
-    let mut out = vec![0f32; m * w.rows];
-    for (o, vals) in out_t.chunks(m).enumerate() {
-        for (r, v) in vals.iter().enumerate() {
-            out[r * w.rows + o] = *v;
-        }
-    }
-    Tensor::from_vec(out, (m, w.rows), x.device())
+    })
 }
 
 /// [`row_dots`] for a row of 8-bit blocks (`values`, one scale per block).
@@ -529,13 +523,7 @@ fn row_dots_q8(xs: &[f32], values: &[i8], scales: &[f32], out: &mut [f32]) {
         }
         for half in 0..Q8_BLOCK / 16 {
             let wc: &[f32; 16] = wide[half * 16..half * 16 + 16].try_into().expect("16 values");
-            let at = b * Q8_BLOCK + half * 16;
-            for (r, a) in acc.iter_mut().enumerate().take(out.len()) {
-                let xc: &[f32; 16] = xs[r * k + at..r * k + at + 16].try_into().expect("16 values");
-                for l in 0..16 {
-                    a[l] = xc[l].mul_add(wc[l], a[l]);
-                }
-            }
+            accumulate(&mut acc, out.len(), xs, k, b * Q8_BLOCK + half * 16, wc);
         }
     }
     for (r, v) in out.iter_mut().enumerate() {
@@ -561,12 +549,7 @@ fn row_dots(xs: &[f32], row: &[f32], out: &mut [f32]) {
     let whole = k / 16 * 16;
     for i in (0..whole).step_by(16) {
         let wc: &[f32; 16] = row[i..i + 16].try_into().expect("16 values");
-        for (r, a) in acc.iter_mut().enumerate().take(out.len()) {
-            let xc: &[f32; 16] = xs[r * k + i..r * k + i + 16].try_into().expect("16 values");
-            for l in 0..16 {
-                a[l] = xc[l].mul_add(wc[l], a[l]);
-            }
-        }
+        accumulate(&mut acc, out.len(), xs, k, i, wc);
     }
     for (r, v) in out.iter_mut().enumerate() {
         let mut sum = acc[r].iter().sum::<f32>();
@@ -574,6 +557,17 @@ fn row_dots(xs: &[f32], row: &[f32], out: &mut [f32]) {
             sum = xs[r * k + i].mul_add(row[i], sum);
         }
         *v = sum;
+    }
+}
+
+/// `acc[r] += x_r[at..at + 16] · wc`, lane by lane, for the first `rows` rows of `xs` (rows of `k`).
+#[inline(always)]
+fn accumulate(acc: &mut [[f32; 16]; FEW_ROWS], rows: usize, xs: &[f32], k: usize, at: usize, wc: &[f32; 16]) {
+    for (r, a) in acc.iter_mut().enumerate().take(rows) {
+        let xc: &[f32; 16] = xs[r * k + at..r * k + at + 16].try_into().expect("16 values");
+        for l in 0..16 {
+            a[l] = xc[l].mul_add(wc[l], a[l]);
+        }
     }
 }
 
