@@ -15,6 +15,9 @@ pub static LORAG_GENERATION_MODEL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"SmolLM2-135M-Instruct"));
 /// `lorag.reranker_model`: the cross-encoder `rerank()` and `rag_retrieve()` use by default.
 pub static LORAG_RERANKER_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"minilm-reranker"));
+/// `lorag.rerank_weight`: how much the cross-encoder's score counts against the vector search's
+/// similarity when a RAG call reranks its candidates (read by the SQL of `_rag_rerank`).
+pub static LORAG_RERANK_WEIGHT: GucSetting<f64> = GucSetting::<f64>::new(0.5);
 /// `lorag.onnxruntime_library`: the ONNX Runtime shared library rerankers and embedders run on.
 pub static LORAG_ONNXRUNTIME_LIBRARY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// `lorag.adapter_dir`: where `lora_export()` / `lora_import()` files live.
@@ -107,6 +110,16 @@ pub fn init() {
         c"auto uses CUDA when this build and machine have it, else the CPU; lorag.worker_status() shows which runs.",
         &LORAG_DEVICE,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"lorag.rerank_weight",
+        c"Weight of the cross-encoder's score against the search's similarity when RAG calls rerank (0 to 1).",
+        c"Candidates are ordered by weight * z(rerank score) + (1 - weight) * z(cosine similarity), z standardising over the candidates; 1 orders by the cross-encoder alone, 0 keeps the search's order.",
+        &LORAG_RERANK_WEIGHT,
+        0.0,
+        1.0,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_enum_guc(

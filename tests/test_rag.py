@@ -5,6 +5,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -75,15 +76,29 @@ def test_rag_retrieve_finds_the_passage_and_views_filter(conn, docs):
 
 
 def test_rag_retrieve_reranks_its_candidates(conn, docs):
-    """By default the `candidates` nearest rows are rescored by the reranker and the best k kept:
-    the same rows and scores rerank() gives them, ranked by score."""
+    """By default the `candidates` nearest rows are rescored by the reranker and the best k kept,
+    ranked by both scores standardised (lorag.rerank_weight 0.5); with weight 1 by the reranker's
+    score alone, with 0 in the search's order. Scores are the ones rerank() gives."""
     question = "How do I create a partial index?"
-    rows = conn.execute("SELECT rank, key, content, distance, rerank_score FROM rag_retrieve(%s, 'rag_docs', 2, candidates => 4)",
-                        (question,)).fetchall()
-    assert [r[0] for r in rows] == [1, 2] and rows[0][4] >= rows[1][4]
-    contents = [r[0] for r in conn.execute("SELECT content FROM rag_docs ORDER BY embedding <=> (SELECT embed(%s))", (question,))]
-    expected = conn.execute("SELECT idx, score FROM rerank(%s, %s)", (question, contents)).fetchall()[:2]
-    assert [(r[2], r[4]) for r in rows] == [(contents[i - 1], s) for i, s in expected]
+    contents, sims = zip(*conn.execute(
+        "SELECT content, 1 - (embedding <=> (SELECT embed(%s))) FROM rag_docs ORDER BY embedding <=> (SELECT embed(%s))",
+        (question, question)).fetchall())
+    scores = dict(conn.execute("SELECT idx, score FROM rerank(%s, %s)", (question, list(contents))).fetchall())
+    r = np.array([scores[i + 1] for i in range(len(contents))])
+    s = np.array(sims)
+    for weight in (0.5, 1.0, 0.0, 0.8):
+        conn.execute(f"SET lorag.rerank_weight = {weight}")
+        rows = conn.execute("SELECT rank, key, content, distance, rerank_score FROM rag_retrieve(%s, 'rag_docs', 3, candidates => 4)",
+                            (question,)).fetchall()
+        fused = weight * (r - r.mean()) / r.std() + (1 - weight) * (s - s.mean()) / s.std()
+        order = sorted(range(len(contents)), key=lambda i: (-fused[i], i))[:3]
+        assert [row[0] for row in rows] == [1, 2, 3]
+        assert [row[2] for row in rows] == [contents[i] for i in order], weight
+        assert [row[4] for row in rows] == pytest.approx([scores[i + 1] for i in order])
+    conn.execute("RESET lorag.rerank_weight")
+    with pytest.raises(psycopg.Error) as e:
+        conn.execute("SET lorag.rerank_weight = 2")
+    assert e.value.sqlstate == "22023"
     assert_clean_error(conn, "SELECT * FROM rag_retrieve('q', 'rag_docs', reranker => 'nope')", "42704", 'model "nope" is not registered')
     conn.execute("SET lorag.reranker_model = ''")
     assert conn.execute("SELECT rerank_score FROM rag_retrieve('q', 'rag_docs', 1)").fetchone()[0] is None, "no reranker set: none used"
