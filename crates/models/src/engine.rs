@@ -168,7 +168,7 @@ impl Engine {
 /// What is loaded, for the status.
 #[derive(Debug, Clone, Default)]
 pub struct Described {
-    /// The device candle runs on, once a model is loaded.
+    /// The device the last loaded model runs on.
     pub device: Option<String>,
     pub models: Vec<String>,
     /// Each loaded embedder with the runtime that computes it.
