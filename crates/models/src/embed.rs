@@ -146,13 +146,9 @@ impl Embedder {
             hint: "An embedder is a feature-extraction export with inputs input_ids, attention_mask (and token_type_ids) and an output last_hidden_state of shape [batch, sequence, hidden].".into(),
         };
         let token_types = crate::onnxrt::bert_inputs(&session, &unsuitable)?;
-        let outputs = session.outputs();
-        let output = outputs
-            .iter()
-            .position(|o| o.name() == "last_hidden_state")
-            .or_else(|| (outputs.len() == 1).then_some(0))
+        let output = crate::onnxrt::output_index(&session, "last_hidden_state")
             .ok_or_else(|| unsuitable("it has no output \"last_hidden_state\"".into()))?;
-        let hidden = &outputs[output];
+        let hidden = &session.outputs()[output];
         let shape = hidden.dtype().tensor_shape().ok_or_else(|| unsuitable("its output is not a tensor".into()))?;
         if shape.len() != 3 || hidden.dtype().tensor_type() != Some(ort::value::TensorElementType::Float32) {
             return Err(unsuitable(format!("its output \"{}\" is not float32 of shape [batch, sequence, hidden] (shape {shape:?})", hidden.name())));

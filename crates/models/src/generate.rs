@@ -123,12 +123,15 @@ impl Weight {
         }
     }
 
-    /// As 8-bit blocks, where the rows split into whole blocks (else as it is).
-    fn quantized(self) -> candle_core::Result<Weight> {
-        match self {
-            Weight::F32(w) if w.dim(1)? % Q8_BLOCK == 0 && w.device().is_cpu() => Ok(Weight::Q8(Q8Matrix::quantize(&w)?)),
-            other => Ok(other),
+    /// Turns into 8-bit blocks, where the rows split into whole blocks (else stays as it is).
+    fn quantize(&mut self) -> candle_core::Result<()> {
+        if let Weight::F32(w) = self {
+            if w.dim(1)? % Q8_BLOCK == 0 && w.device().is_cpu() {
+                let q = Q8Matrix::quantize(w)?;
+                *self = Weight::Q8(q);
+            }
         }
+        Ok(())
     }
 
     /// Bytes one pass over the matrix reads.
@@ -272,13 +275,10 @@ impl Llama {
     fn quantize(&mut self) -> candle_core::Result<()> {
         for layer in &mut self.layers {
             for lin in &mut layer.lin {
-                let w = std::mem::replace(&mut lin.w, Weight::F32(Tensor::zeros(1, DType::F32, &Device::Cpu)?));
-                lin.w = w.quantized()?;
+                lin.w.quantize()?;
             }
         }
-        let head = std::mem::replace(&mut self.lm_head, Weight::F32(Tensor::zeros(1, DType::F32, &Device::Cpu)?));
-        self.lm_head = head.quantized()?;
-        Ok(())
+        self.lm_head.quantize()
     }
 
     /// Bytes of weights one decoding step reads: every linear map and the output head.
@@ -687,10 +687,7 @@ impl Generator {
         let bytes = std::fs::read(&weights).map_err(|e| ModelError::io(&weights, e))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| ModelError::corrupt(&weights, e))?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        Generator::assemble(config, tokenizer, tokenizer_config, vb).map_err(|e| match e {
-            ModelError::Runtime(detail) => ModelError::Corrupt { path: weights, detail },
-            other => other,
-        })
+        Generator::assemble(config, tokenizer, tokenizer_config, vb, &weights)
     }
 
     /// Loads a LLaMA GGUF: its tensors (dequantized, un-permuted), configuration and tokenizer
@@ -701,16 +698,14 @@ impl Generator {
         let tokenizer = Tokenizer::from_str(&model.tokenizer.to_string()).map_err(|e| ModelError::corrupt(path, e))?;
         let tensors = model.tensors.into_iter().map(|(n, t)| Ok((n, t.to_device(device)?))).collect::<candle_core::Result<_>>()?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let mut g = Generator::assemble(config, tokenizer, Some(model.tokenizer_config), vb).map_err(|e| match e {
-            ModelError::Runtime(detail) => ModelError::Corrupt { path: path.to_owned(), detail },
-            other => other,
-        })?;
+        let mut g = Generator::assemble(config, tokenizer, Some(model.tokenizer_config), vb, path)?;
         g.model.quantize()?;
         Ok(g)
     }
 
-    /// The generator of a configuration, tokenizer, `tokenizer_config.json` and weights.
-    fn assemble(config: Config, tokenizer: Tokenizer, tokenizer_config: Option<serde_json::Value>, vb: VarBuilder) -> Result<Generator, ModelError> {
+    /// The generator of a configuration, tokenizer, `tokenizer_config.json` and weights (read
+    /// from `weights`, which a weight that does not fit is reported against).
+    fn assemble(config: Config, tokenizer: Tokenizer, tokenizer_config: Option<serde_json::Value>, vb: VarBuilder, weights: &Path) -> Result<Generator, ModelError> {
         match config.model_type.as_deref() {
             None | Some("llama") | Some("qwen2") | Some("mistral") => {}
             Some(other) => return Err(ModelError::Invalid(format!("model type \"{other}\" is not a supported generator (llama, qwen2)"))),
@@ -733,7 +728,7 @@ impl Generator {
             .find_map(|t| tokenizer.token_to_id(t))
             .or_else(|| stop.first().copied())
             .unwrap_or(0);
-        let model = Llama::load(vb, config)?;
+        let model = Llama::load(vb, config).map_err(|e| ModelError::corrupt(weights, e))?;
         Ok(Generator { model, tokenizer, template, stop, end_token })
     }
 

@@ -123,6 +123,12 @@ pub fn bert_inputs(session: &Session, unsuitable: &dyn Fn(String) -> ModelError)
     Ok(names.contains(&"token_type_ids"))
 }
 
+/// The output named `name`, or else the only output.
+pub fn output_index(session: &Session, name: &str) -> Option<usize> {
+    let outputs = session.outputs();
+    outputs.iter().position(|o| o.name() == name).or_else(|| (outputs.len() == 1).then_some(0))
+}
+
 /// The inputs of one run over `batch`, padded to its longest encoding.
 pub fn encode(batch: &[&tokenizers::Encoding], token_types: bool) -> Result<Vec<(&'static str, SessionInputValue<'static>)>, ModelError> {
     let (len, ids, types, mask) = crate::embed::padded(batch);

@@ -81,11 +81,7 @@ impl Reranker {
             hint: "A reranker is a sequence-classification export with inputs input_ids, attention_mask (and token_type_ids) and an output logits of shape [batch, 1] or [batch, 2].".into(),
         };
         let has_token_types = crate::onnxrt::bert_inputs(&session, &not_cross_encoder)?;
-        let output = session
-            .outputs()
-            .iter()
-            .position(|o| o.name() == "logits")
-            .or_else(|| (session.outputs().len() == 1).then_some(0))
+        let output = crate::onnxrt::output_index(&session, "logits")
             .ok_or_else(|| not_cross_encoder("it has no output \"logits\"".into()))?;
         let logits = &session.outputs()[output];
         let shape = logits.dtype().tensor_shape().ok_or_else(|| not_cross_encoder("its output is not a tensor".into()))?;
