@@ -3,8 +3,10 @@
 //! One file per index phase, as in pgvector: [`build`] (`ambuild`, `ambuildempty`), [`insert`]
 //! (`aminsert`), [`scan`] (`ambeginscan`, `amrescan`, `amgettuple`, `amendscan`, cost),
 //! [`vacuum`] (`ambulkdelete`, `amvacuumcleanup`), [`check`] (the verification function);
-//! [`page`] is the on-disk layout and [`storage`] the graph over it.
+//! [`page`] is the on-disk layout, [`storage`] the graph over it, and [`buffers`] how its pages
+//! are found in shared buffers.
 
+pub mod buffers;
 pub mod build;
 pub mod check;
 pub mod insert;

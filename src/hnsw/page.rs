@@ -273,16 +273,12 @@ impl PinnedBuffer {
         }
     }
 
-    /// Pins `block` without locking it.
-    pub fn pin(index: pg_sys::Relation, block: pg_sys::BlockNumber) -> PinnedBuffer {
-        // Safety: as for `read`.
-        let buffer = unsafe {
-            pg_sys::ReadBufferExtended(index, pg_sys::ForkNumber::MAIN_FORKNUM, block, pg_sys::ReadBufferMode::RBM_NORMAL, std::ptr::null_mut())
-        };
+    /// Owns a buffer pinned elsewhere (see [`super::buffers::RecentBuffers::pin`]).
+    pub fn pinned(buffer: pg_sys::Buffer) -> PinnedBuffer {
         PinnedBuffer { buffer, locked: false }
     }
 
-    /// Takes the lock of a buffer pinned with [`PinnedBuffer::pin`].
+    /// Takes the lock of a buffer pinned with [`PinnedBuffer::pinned`].
     pub fn lock(&mut self, lock: u32) {
         debug_assert!(!self.locked);
         // Safety: we hold the pin.

@@ -4,11 +4,13 @@
 //! it computes its distance (graph item, heap TID, flags) is remembered, so the neighbour list
 //! can be read without visiting the element item again.
 
+use super::buffers::RecentBuffers;
 use super::page::*;
 use lorag_hnsw::insert::select_neighbors;
 use lorag_hnsw::{Candidate, Id, Metric, Params, Storage, StorageMut};
 use pgrx::pg_sys;
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use lorag_hnsw::fxhash::IdMap;
 
 pub struct PageStorage {
@@ -18,17 +20,25 @@ pub struct PageStorage {
     /// Inside CREATE INDEX: no WAL per change (see `WalRecord`).
     pub building: bool,
     seen: RefCell<IdMap<ElementHeader>>,
+    buffers: RecentBuffers,
 }
 
 impl PageStorage {
     pub fn new(index: pg_sys::Relation, meta: &Meta) -> PageStorage {
-        PageStorage { index, dim: meta.dim as usize, params: meta.params(), building: false, seen: RefCell::new(IdMap::with_capacity_and_hasher(4096, Default::default())) }
+        PageStorage { index, dim: meta.dim as usize, params: meta.params(), building: false, seen: RefCell::new(IdMap::with_capacity_and_hasher(4096, Default::default())), buffers: RecentBuffers::open(index) }
+    }
+
+    /// Pins and locks `block` (`BUFFER_LOCK_SHARE` or `BUFFER_LOCK_EXCLUSIVE`).
+    fn read(&self, block: pg_sys::BlockNumber, lock: u32) -> PinnedBuffer {
+        let mut buf = PinnedBuffer::pinned(self.buffers.pin(block));
+        buf.lock(lock);
+        buf
     }
 
     /// Calls `f` with the element item `id` under a share lock.
     fn with_element<R>(&self, id: Id, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
         let (block, offset) = unpack(id);
-        let buf = PinnedBuffer::read(self.index, block, pg_sys::BUFFER_LOCK_SHARE);
+        let buf = self.read(block, pg_sys::BUFFER_LOCK_SHARE);
         // Safety: the page is locked while the slice is in use.
         let item = unsafe { item(buf.page(), offset) };
         let item = item.filter(|it| is_element(it, self.dim));
@@ -53,7 +63,7 @@ impl PageStorage {
     /// Calls `f` with the graph item `graph` under a lock of `lock` mode.
     fn with_graph<R>(&self, graph: Id, lock: u32, f: impl FnOnce(Option<&mut [u8]>) -> R) -> R {
         let (block, offset) = unpack(graph);
-        let buf = PinnedBuffer::read(self.index, block, lock);
+        let buf = self.read(block, lock);
         // Safety: the page is locked while the slice is in use.
         let item = unsafe { item(buf.page(), offset) }.filter(|it| it.first() == Some(&GRAPH_KIND));
         f(item)
@@ -75,7 +85,7 @@ impl PageStorage {
             }
             let Some(after) = compute(self, &before) else { return };
             let (block, offset) = unpack(h.graph);
-            let buf = PinnedBuffer::read(self.index, block, pg_sys::BUFFER_LOCK_EXCLUSIVE);
+            let buf = self.read(block, pg_sys::BUFFER_LOCK_EXCLUSIVE);
             let mut now = Vec::new();
             // Safety: the page is exclusively locked.
             if let Some(g) = unsafe { item(buf.page(), offset) } {
@@ -147,30 +157,42 @@ impl Storage for PageStorage {
         }
     }
 
-    /// Pins every element's page first, prefetches the items into the CPU cache, then
-    /// computes: the memory latencies of all of them overlap instead of adding up.
-    fn distances(&self, query: &[f32], ids: &[Id], out: &mut Vec<f32>) {
+    /// Overlaps the memory accesses of all the elements instead of adding them up: prefetches
+    /// the buffer headers and line pointers of every element's page, then walks the elements
+    /// with pinning (and prefetching the item) a few elements ahead of computing. At most
+    /// `AHEAD + 1` pins are held, so they stay in the backend's fixed array of private pin
+    /// counts (8 entries; beyond it every pin and unpin is a hash-table probe). Headers are
+    /// remembered only for elements closer than `closer_than` (the others are read again in
+    /// the rare case they are needed).
+    fn distances(&self, query: &[f32], ids: &[Id], closer_than: f32, out: &mut Vec<f32>) {
+        const AHEAD: usize = 5;
         out.clear();
         let (dim, metric) = (self.dim, self.params.metric);
-        let mut pinned: Vec<(PinnedBuffer, pg_sys::OffsetNumber)> = ids
-            .iter()
-            .map(|&id| {
-                let (block, offset) = unpack(id);
-                (PinnedBuffer::pin(self.index, block), offset)
-            })
-            .collect();
-        for (buf, offset) in &pinned {
-            prefetch_item(buf.page(), *offset, element_size(dim));
+        for &id in ids {
+            let (block, offset) = unpack(id);
+            self.buffers.prefetch(block, offset);
         }
+        let mut pinned: VecDeque<(PinnedBuffer, pg_sys::OffsetNumber)> = VecDeque::with_capacity(AHEAD + 1);
         let mut seen = self.seen.borrow_mut();
-        for ((buf, offset), &id) in pinned.iter_mut().zip(ids) {
+        for i in 0..ids.len() + AHEAD {
+            if let Some(&id) = ids.get(i) {
+                let (block, offset) = unpack(id);
+                let buf = PinnedBuffer::pinned(self.buffers.pin(block));
+                prefetch_item(buf.page(), offset, element_size(dim));
+                pinned.push_back((buf, offset));
+            }
+            let Some(j) = i.checked_sub(AHEAD) else { continue };
+            let (mut buf, offset) = pinned.pop_front().expect("pinned AHEAD elements earlier");
             buf.lock(pg_sys::BUFFER_LOCK_SHARE);
             // Safety: the page is locked while the slice is in use.
-            let it = unsafe { item(buf.page(), *offset) }.filter(|it| is_element(it, dim));
+            let it = unsafe { item(buf.page(), offset) }.filter(|it| is_element(it, dim));
             let d = match it {
                 Some(it) => {
-                    seen.insert(id, ElementHeader::parse(it));
-                    metric.distance(query, vector_of(it, dim))
+                    let d = metric.distance(query, vector_of(it, dim));
+                    if d < closer_than {
+                        seen.insert(ids[j], ElementHeader::parse(it));
+                    }
+                    d
                 }
                 None => f32::INFINITY,
             };

@@ -117,12 +117,14 @@ pub struct Candidate {
 impl Eq for Candidate {}
 
 impl Ord for Candidate {
+    #[inline]
     fn cmp(&self, other: &Self) -> Ordering {
         self.distance.total_cmp(&other.distance).then(self.id.cmp(&other.id))
     }
 }
 
 impl PartialOrd for Candidate {
+    #[inline]
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
@@ -151,8 +153,10 @@ pub trait Storage {
 
     /// Distances from `query` to each of `ids`, into `out`. Storage that can overlap the
     /// memory accesses of several elements (page storage pins them all, then prefetches)
-    /// overrides this; the default prefetches two ahead.
-    fn distances(&self, query: &[f32], ids: &[Id], out: &mut Vec<f32>) {
+    /// overrides this; the default prefetches two ahead. The caller keeps only elements
+    /// closer than `closer_than`: storage may remember what it read about those alone.
+    fn distances(&self, query: &[f32], ids: &[Id], closer_than: f32, out: &mut Vec<f32>) {
+        let _ = closer_than;
         out.clear();
         for &n in ids.iter().take(2) {
             self.prefetch(n);

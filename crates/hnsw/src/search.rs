@@ -65,7 +65,8 @@ pub fn search_layer<S: Storage + ?Sized>(
         fresh.clear();
         fresh.extend(buf.iter().copied().filter(|&n| visited.insert(n)));
         // Vectors are read from all over memory: let the storage overlap the accesses.
-        s.distances(query, &fresh, &mut dists);
+        let bound = if results.len() >= ef { results.peek().map_or(f32::INFINITY, |w| w.distance) } else { f32::INFINITY };
+        s.distances(query, &fresh, bound, &mut dists);
         for (&n, &d) in fresh.iter().zip(&dists) {
             if results.len() < ef || d < results.peek().map_or(f32::INFINITY, |w| w.distance) {
                 let cand = Candidate { id: n, distance: d };
@@ -107,7 +108,7 @@ impl Scan {
         let mut scan = Scan {
             candidates: BinaryHeap::new(),
             discarded: BinaryHeap::new(),
-            visited: Visited::with_capacity(2048),
+            visited: Visited::with_capacity(8192),
             started: false,
             buf: Vec::new(),
             fresh: Vec::new(),
@@ -153,7 +154,8 @@ impl Scan {
                     self.fresh.push(n);
                 }
             }
-            s.distances(query, &self.fresh, &mut self.dists);
+            let bound = if results.len() >= ef { worst } else { f32::INFINITY };
+            s.distances(query, &self.fresh, bound, &mut self.dists);
             for (&n, &d) in self.fresh.iter().zip(&self.dists) {
                 let cand = Candidate { id: n, distance: d };
                 let worst = results.peek().map_or(f32::INFINITY, |w| w.distance);
