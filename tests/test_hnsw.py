@@ -250,9 +250,10 @@ def test_concurrent_inserts_deletes_searches_and_vacuum(dsn):
     for t in threads:
         t.join()
     assert errors == []
-    # Known race (issue 3 note): a search that starts while VACUUM frees and an insert reuses
-    # slots can, rarely, come back short. Bound it instead of hiding it.
-    assert searches[0] > 100 and short[0] <= max(2, 0.01 * searches[0]), (short[0], searches[0])
+    # Every search has 10 visible rows to find. (An insert used to link a new element layer by
+    # layer, so a concurrent search could descend into it before its lower lists were written
+    # and come back empty: a few in every 40,000 searches here.)
+    assert searches[0] > 100 and short[0] == 0, (short[0], searches[0])
     with psycopg.connect(dsn, autocommit=True) as c:
         register_vector(c)
         c.execute("VACUUM cc")

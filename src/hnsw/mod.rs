@@ -25,6 +25,39 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// and VACUUM's repair in exclusive mode, so repair never races a half-linked insert.
 pub const UPDATE_LOCK: pg_sys::BlockNumber = 0xFFFF_FFFE;
 
+/// Heavyweight lock tag that scans hold in share mode while they walk the graph (the descent
+/// and each batch), and that VACUUM takes exclusively for an instant before it frees the
+/// elements it deleted: that waits out every walk that may still hold their ids, and walks
+/// starting later cannot reach them (VACUUM unlinked them first). Without it a walk could
+/// follow an id into a slot an insert had just reused and come back short.
+pub const SCAN_LOCK: pg_sys::BlockNumber = 0xFFFF_FFFD;
+
+/// A heavyweight lock on one of the tags above, released when dropped (but not while unwinding
+/// from an ERROR: the abort releases it).
+pub struct TagLock {
+    index: pg_sys::Relation,
+    tag: pg_sys::BlockNumber,
+    mode: pg_sys::LOCKMODE,
+}
+
+impl TagLock {
+    pub fn take(index: pg_sys::Relation, tag: pg_sys::BlockNumber, mode: u32) -> TagLock {
+        let mode = mode as pg_sys::LOCKMODE;
+        // Safety: an open relation; the lock is released in drop or by the abort.
+        unsafe { pg_sys::LockPage(index, tag, mode) };
+        TagLock { index, tag, mode }
+    }
+}
+
+impl Drop for TagLock {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            // Safety: taken in `take`.
+            unsafe { pg_sys::UnlockPage(self.index, self.tag, self.mode) };
+        }
+    }
+}
+
 static RELOPT_KIND: AtomicU32 = AtomicU32::new(0);
 
 /// `WITH (m = ..., ef_construction = ...)`, as PostgreSQL's reloptions parser fills it.

@@ -4,9 +4,9 @@
 //! returned closest first. With `hnsw.iterative_scan` on, when those run out (a WHERE clause
 //! filtered them away) the search resumes from where it stopped, until the query's LIMIT is
 //! met, the graph is exhausted or `hnsw.max_scan_tuples` elements were visited. Scans take
-//! share locks on one page at a time and no heavyweight lock.
+//! share locks on a few pages at a time, and hold `SCAN_LOCK` in share mode while they walk.
 
-use super::check_dimensions;
+use super::{check_dimensions, TagLock, SCAN_LOCK};
 use super::page::*;
 use super::storage::PageStorage;
 use crate::guc::{IterativeScan, HNSW_EF_SEARCH, HNSW_ITERATIVE_SCAN, HNSW_MAX_SCAN_TUPLES};
@@ -80,7 +80,10 @@ pub unsafe extern "C-unwind" fn amrescan(
 pub unsafe extern "C-unwind" fn amgettuple(scan: pg_sys::IndexScanDesc, _direction: pg_sys::ScanDirection::Type) -> bool {
     // Safety: set up by ambeginscan.
     let st = unsafe { state(scan) };
+    // Safety: the scan descriptor is valid.
+    let index = unsafe { (*scan).indexRelation };
     if !st.started {
+        let _walk = TagLock::take(index, SCAN_LOCK, pg_sys::ShareLock);
         // Safety: the scan descriptor is valid.
         unsafe { start(scan, st) };
     }
@@ -112,6 +115,7 @@ pub unsafe extern "C-unwind" fn amgettuple(scan: pg_sys::IndexScanDesc, _directi
         let batch = if !first && (!iterative || search.scanned() >= HNSW_MAX_SCAN_TUPLES.get().max(1) as usize) {
             Vec::new()
         } else {
+            let _walk = TagLock::take(index, SCAN_LOCK, pg_sys::ShareLock);
             search.next_batch(storage, &st.query, HNSW_EF_SEARCH.get().max(1) as usize)
         };
         if batch.is_empty() {
@@ -122,6 +126,7 @@ pub unsafe extern "C-unwind" fn amgettuple(scan: pg_sys::IndexScanDesc, _directi
                 let restarts = st.restarts;
                 *st = ScanState::new();
                 st.restarts = restarts;
+                let _walk = TagLock::take(index, SCAN_LOCK, pg_sys::ShareLock);
                 // Safety: the scan descriptor is valid.
                 unsafe { start(scan, st) };
                 continue;

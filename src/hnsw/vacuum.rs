@@ -5,11 +5,13 @@
 //!    through them);
 //! 2. repair: every live list that points at a DELETED element is rebuilt from its live
 //!    neighbours and the deleted ones' neighbours, and a deleted entry point is replaced;
-//! 3. turn DELETED into FREE: nothing points at them any more, inserts may reuse them.
+//! 3. wait for the scans walking the graph (`SCAN_LOCK`), which may still hold ids of DELETED
+//!    elements, then turn DELETED into FREE: nothing points at them any more, inserts may
+//!    reuse them.
 
 use super::page::*;
 use super::storage::PageStorage;
-use super::UPDATE_LOCK;
+use super::{TagLock, SCAN_LOCK, UPDATE_LOCK};
 use lorag_hnsw::Id;
 use pgrx::{check_for_interrupts, pg_guard, pg_sys};
 
@@ -113,6 +115,7 @@ pub unsafe extern "C-unwind" fn ambulkdelete(
                 storage.set_entry_point(best);
             }
         }
+        drop(TagLock::take(index, SCAN_LOCK, pg_sys::ExclusiveLock));
         let mut first_free = pg_sys::InvalidBlockNumber;
         for_each_element(index, dim, pg_sys::BUFFER_LOCK_EXCLUSIVE, |block, _, h| {
             if h.flags & FLAG_DELETED != 0 {

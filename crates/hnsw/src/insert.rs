@@ -67,6 +67,11 @@ pub fn insert<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: Id, vector
     for l in (level + 1..=top).rev() {
         cur = greedy(s, vector, cur, l, &mut buf);
     }
+    // All the element's own lists are written before any back-link makes it reachable: a
+    // search that reaches it on one layer must find its lists on the layers below (linking
+    // layer by layer let concurrent searches descend into an element with empty lower lists
+    // and come back with nothing).
+    let mut chosen: Vec<(usize, Vec<Candidate>)> = Vec::with_capacity(level.min(top) + 1);
     let mut entries = vec![cur];
     for l in (0..=level.min(top)).rev() {
         let mut visited = Visited::with_capacity(4 * params.ef_construction * params.m);
@@ -75,14 +80,18 @@ pub fn insert<S: StorageMut + ?Sized>(s: &mut S, params: &Params, id: Id, vector
         let live: Vec<Candidate> = found.iter().copied().filter(|c| c.id != id).collect();
         // m new edges on every layer (hnswlib's choice); layer 0 lists may grow to 2m through
         // back-links, so they are pruned less often.
-        let neighbors = select_neighbors(s, &live, params.m);
-        let ids: Vec<Id> = neighbors.iter().map(|c| c.id).collect();
-        s.set_neighbors(id, l, &ids);
-        for n in &neighbors {
-            s.add_back_link(params, n.id, l, id, n.distance);
-        }
+        chosen.push((l, select_neighbors(s, &live, params.m)));
         if !found.is_empty() {
             entries = found;
+        }
+    }
+    for (l, neighbors) in &chosen {
+        let ids: Vec<Id> = neighbors.iter().map(|c| c.id).collect();
+        s.set_neighbors(id, *l, &ids);
+    }
+    for (l, neighbors) in &chosen {
+        for n in neighbors {
+            s.add_back_link(params, n.id, *l, id, n.distance);
         }
     }
     if level > top {
