@@ -48,7 +48,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--ef", default="10,20,40,60,80,120,200")
+    ap.add_argument("--ef", default="10,20,40,80,120,200,240,280,320")
     args = ap.parse_args()
     efs = [int(x) for x in args.ef.split(",")]
     dsn = f"host={os.environ.get('PGHOST', '/tmp')} port={os.environ.get('PGPORT', '28815')} user=postgres dbname={os.environ.get('PGDATABASE', 'lorag')}"
