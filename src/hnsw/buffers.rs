@@ -101,6 +101,7 @@ impl RecentBuffers {
             if guess != pg_sys::InvalidBuffer as pg_sys::Buffer
                 && pg_sys::ReadRecentBuffer(self.file, pg_sys::ForkNumber::MAIN_FORKNUM, block, guess)
             {
+                self.count_hit();
                 return guess;
             }
             let buffer = pg_sys::ReadBufferExtended(
@@ -118,6 +119,35 @@ impl RecentBuffers {
                 buffers[block as usize] = buffer;
             }
             buffer
+        }
+    }
+}
+
+impl RecentBuffers {
+    /// Counts a block read from shared buffers in the index's statistics, as `ReadBuffer` does
+    /// (`pg_statio_all_indexes.idx_blks_hit`; `ReadRecentBuffer` counts only the query's
+    /// buffer usage).
+    fn count_hit(&self) {
+        // Safety: an open relation; its statistics entry, when there is one, lives as long.
+        unsafe {
+            let stats = (*self.index).pgstat_info;
+            if stats.is_null() {
+                return;
+            }
+            #[cfg(any(feature = "pg14", feature = "pg15"))]
+            let counts = &mut (*stats).t_counts;
+            #[cfg(any(feature = "pg14", feature = "pg15"))]
+            {
+                counts.t_blocks_fetched += 1;
+                counts.t_blocks_hit += 1;
+            }
+            #[cfg(any(feature = "pg16", feature = "pg17"))]
+            let counts = &mut (*stats).counts;
+            #[cfg(any(feature = "pg16", feature = "pg17"))]
+            {
+                counts.blocks_fetched += 1;
+                counts.blocks_hit += 1;
+            }
         }
     }
 }
