@@ -78,7 +78,7 @@ pub fn session(path: &Path, bytes: &[u8], device: &str, library: &str) -> Result
     };
     let build = |cuda: Option<usize>| -> Result<Session, ModelError> {
         let builder = Session::builder(env).map_err(|e| ModelError::Runtime(e.to_string()))?;
-        let mut builder = match cuda {
+        let builder = match cuda {
             Some(n) => builder
                 .with_execution_providers([ort::ep::CUDA::default().with_device_id(n as i32).build().error_on_failure()])
                 .map_err(|e| ModelError::Setup {
@@ -89,6 +89,9 @@ pub fn session(path: &Path, bytes: &[u8], device: &str, library: &str) -> Result
                 .with_execution_providers([ort::ep::CPU::default().build().error_on_failure()])
                 .map_err(|e| ModelError::Runtime(e.to_string()))?,
         };
+        // Inputs change shape with every batch (texts x tokens): ONNX Runtime's memory patterns
+        // would keep an allocation plan per shape seen, growing the model process for nothing.
+        let mut builder = builder.with_memory_pattern(false).map_err(|e| ModelError::Runtime(e.to_string()))?;
         builder.commit_from_memory(bytes).map_err(|e| ModelError::corrupt(path, e))
     };
     Ok(match (choice, cuda) {
