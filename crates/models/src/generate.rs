@@ -462,7 +462,7 @@ fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
         let row = &w[o * k..(o + 1) * k];
         if avx512 {
             // Safety: the CPU has AVX-512F and FMA (checked above).
-            unsafe { row_dots_avx512(&xs, row, out) }
+            unsafe { avx512::f32_rows(&xs, row, out) }
         } else {
             row_dots(&xs, row, out)
         }
@@ -504,7 +504,7 @@ fn few_rows_matmul_q8(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
         let (values, scales) = (&w.values[o * k..(o + 1) * k], &w.scales[o * blocks..(o + 1) * blocks]);
         if avx512 {
             // Safety: the CPU has AVX-512F and FMA (checked above).
-            unsafe { row_dots_q8_avx512(&xs, values, scales, out) }
+            unsafe { avx512::q8_rows(&xs, values, scales, out) }
         } else {
             row_dots_q8(&xs, values, scales, out)
         }
@@ -529,14 +529,6 @@ fn row_dots_q8(xs: &[f32], values: &[i8], scales: &[f32], out: &mut [f32]) {
     for (r, v) in out.iter_mut().enumerate() {
         *v = acc[r].iter().sum::<f32>();
     }
-}
-
-/// [`row_dots_q8`] compiled for AVX-512.
-///
-/// Safety: the CPU must have AVX-512F and FMA.
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn row_dots_q8_avx512(xs: &[f32], values: &[i8], scales: &[f32], out: &mut [f32]) {
-    row_dots_q8(xs, values, scales, out)
 }
 
 /// `out[r] = x_r · row` for the rows of `xs` (out.len() rows of row.len()): the weight row is
@@ -571,12 +563,100 @@ fn accumulate(acc: &mut [[f32; 16]; FEW_ROWS], rows: usize, xs: &[f32], k: usize
     }
 }
 
-/// [`row_dots`] compiled for AVX-512 (its 16-lane loop becomes one fused multiply-add).
-///
-/// Safety: the CPU must have AVX-512F and FMA.
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn row_dots_avx512(xs: &[f32], row: &[f32], out: &mut [f32]) {
-    row_dots(xs, row, out)
+/// The few-row kernels for AVX-512: `out[r] = x_r · w` for the `out.len()` rows of `xs` (rows
+/// of `w.len()` values), one weight row loaded once for all of them. The row count is a constant
+/// of each instance, so every accumulator lives in a register; a loop over a run-time row count
+/// kept them in memory behind bounds checks and branches, which cost half of a decoding step.
+/// Each row has two accumulators (the two halves of a 32-value block), and a row's sums run in
+/// the same order whatever the row count, so a stream decodes alike alone or batched.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{FEW_ROWS, Q8_BLOCK};
+    use std::arch::x86_64::*;
+
+    /// Calls `$kernel::<R>` for the run-time row count `$rows` (1..=FEW_ROWS).
+    macro_rules! for_rows {
+        ($rows:expr, $kernel:ident ( $($arg:expr),* )) => {
+            match $rows {
+                1 => $kernel::<1>($($arg),*),
+                2 => $kernel::<2>($($arg),*),
+                3 => $kernel::<3>($($arg),*),
+                4 => $kernel::<4>($($arg),*),
+                5 => $kernel::<5>($($arg),*),
+                6 => $kernel::<6>($($arg),*),
+                7 => $kernel::<7>($($arg),*),
+                8 => $kernel::<8>($($arg),*),
+                n => unreachable!("{n} rows: few-row kernels take 1 to {FEW_ROWS}"),
+            }
+        };
+    }
+
+    /// F32 weights.
+    ///
+    /// Safety: the CPU must have AVX-512F and FMA.
+    pub unsafe fn f32_rows(xs: &[f32], w: &[f32], out: &mut [f32]) {
+        assert!(xs.len() == out.len() * w.len() && out.len() <= FEW_ROWS);
+        // Safety: as for this function; the lengths were checked.
+        unsafe { for_rows!(out.len(), f32_kernel(xs, w, out)) }
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn f32_kernel<const R: usize>(xs: &[f32], w: &[f32], out: &mut [f32]) {
+        let k = w.len();
+        let whole = k / 32 * 32;
+        let (x, wp) = (xs.as_ptr(), w.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // Safety: i + 32 <= whole <= k, and every row of xs has k values (checked by the caller).
+        unsafe {
+            for i in (0..whole).step_by(32) {
+                let (w0, w1) = (_mm512_loadu_ps(wp.add(i)), _mm512_loadu_ps(wp.add(i + 16)));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xr = x.add(r * k + i);
+                    a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr.add(16)), w1, a[1]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            for i in whole..k {
+                sum = xs[r * k + i].mul_add(w[i], sum);
+            }
+            out[r] = sum;
+        }
+    }
+
+    /// 8-bit blocks (`values`, one scale per [`Q8_BLOCK`] of them), each widened to F32 once.
+    ///
+    /// Safety: the CPU must have AVX-512F and FMA.
+    pub unsafe fn q8_rows(xs: &[f32], values: &[i8], scales: &[f32], out: &mut [f32]) {
+        assert!(Q8_BLOCK == 32 && values.len() == scales.len() * Q8_BLOCK && xs.len() == out.len() * values.len() && out.len() <= FEW_ROWS);
+        // Safety: as for this function; the lengths were checked.
+        unsafe { for_rows!(out.len(), q8_kernel(xs, values, scales, out)) }
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn q8_kernel<const R: usize>(xs: &[f32], values: &[i8], scales: &[f32], out: &mut [f32]) {
+        let k = values.len();
+        let (x, v) = (xs.as_ptr(), values.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for (b, &scale) in scales.iter().enumerate() {
+            let s = _mm512_set1_ps(scale);
+            // Safety: block b's 32 values are inside `values`, and every row of xs has k values.
+            unsafe {
+                let widen = |at: usize| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(v.add(at) as *const __m128i))), s);
+                let (w0, w1) = (widen(b * 32), widen(b * 32 + 16));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xr = x.add(r * k + b * 32);
+                    a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr.add(16)), w1, a[1]);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+        }
+    }
 }
 
 /// The additive causal mask of `n` new positions after `past` cached ones: (n, past + n).
