@@ -8,6 +8,10 @@
 //! is read the ordinary way and the new buffer remembered. A wrong guess therefore costs one
 //! extra check and can never return the wrong page. Knowing the buffer ahead also lets a search
 //! prefetch the buffer headers and line pointers of all the pages it is about to read.
+//!
+//! Temporary indexes are read the ordinary way: their local buffers' tags do not say whose
+//! they are, and a temporary and a permanent index can share a file number, so a remembered
+//! local buffer could pass the check for the other index's block.
 
 use pgrx::pg_sys;
 use std::cell::RefCell;
@@ -55,17 +59,25 @@ pub struct RecentBuffers {
     index: pg_sys::Relation,
     file: FileKey,
     key: Key,
+    /// False for a temporary index: nothing is remembered.
+    remember: bool,
     buffers: RefCell<Vec<pg_sys::Buffer>>,
 }
 
 impl RecentBuffers {
     pub fn open(index: pg_sys::Relation) -> RecentBuffers {
         let (file, key) = file_of(index);
-        let buffers = REMEMBERED.with_borrow_mut(|all| match all.iter().position(|(k, _)| *k == key) {
-            Some(i) => all.remove(i).1,
-            None => Vec::new(),
-        });
-        RecentBuffers { index, file, key, buffers: RefCell::new(buffers) }
+        // Safety: an open relation has its pg_class row.
+        let remember = unsafe { (*(*index).rd_rel).relpersistence } as u8 != pg_sys::RELPERSISTENCE_TEMP;
+        let buffers = if remember {
+            REMEMBERED.with_borrow_mut(|all| match all.iter().position(|(k, _)| *k == key) {
+                Some(i) => all.remove(i).1,
+                None => Vec::new(),
+            })
+        } else {
+            Vec::new()
+        };
+        RecentBuffers { index, file, key, remember, buffers: RefCell::new(buffers) }
     }
 
     fn guess(&self, block: pg_sys::BlockNumber) -> pg_sys::Buffer {
@@ -111,7 +123,7 @@ impl RecentBuffers {
                 pg_sys::ReadBufferMode::RBM_NORMAL,
                 std::ptr::null_mut(),
             );
-            if (block as usize) < MAX_BLOCKS {
+            if self.remember && (block as usize) < MAX_BLOCKS {
                 let mut buffers = self.buffers.borrow_mut();
                 if buffers.len() <= block as usize {
                     buffers.resize(block as usize + 1, pg_sys::InvalidBuffer as pg_sys::Buffer);
@@ -126,7 +138,8 @@ impl RecentBuffers {
 impl RecentBuffers {
     /// Counts a block read from shared buffers in the index's statistics, as `ReadBuffer` does
     /// (`pg_statio_all_indexes.idx_blks_hit`; `ReadRecentBuffer` counts only the query's
-    /// buffer usage).
+    /// buffer usage). Every user reads the meta page with `ReadBuffer` first, which ties the
+    /// relation to its statistics entry.
     fn count_hit(&self) {
         // Safety: an open relation; its statistics entry, when there is one, lives as long.
         unsafe {
@@ -154,6 +167,9 @@ impl RecentBuffers {
 
 impl Drop for RecentBuffers {
     fn drop(&mut self) {
+        if !self.remember {
+            return;
+        }
         let buffers = std::mem::take(self.buffers.get_mut());
         REMEMBERED.with_borrow_mut(|all| {
             all.retain(|(k, _)| *k != self.key); // a nested user of the same index gave its copy back

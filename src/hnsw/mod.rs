@@ -28,8 +28,10 @@ pub const UPDATE_LOCK: pg_sys::BlockNumber = 0xFFFF_FFFE;
 /// Heavyweight lock tag that scans hold in share mode while they walk the graph (the descent
 /// and each batch), and that VACUUM takes exclusively for an instant before it frees the
 /// elements it deleted: that waits out every walk that may still hold their ids, and walks
-/// starting later cannot reach them (VACUUM unlinked them first). Without it a walk could
-/// follow an id into a slot an insert had just reused and come back short.
+/// starting later cannot reach them (VACUUM unlinked them first), so no walk follows a
+/// neighbour list into a slot an insert has just reused. (Candidates an iterative scan keeps
+/// between batches can still meet a reused slot: its new row is one the scan's snapshot does
+/// not see.) Never taken while another of these tags is held.
 pub const SCAN_LOCK: pg_sys::BlockNumber = 0xFFFF_FFFD;
 
 /// A heavyweight lock on one of the tags above, released when dropped (but not while unwinding

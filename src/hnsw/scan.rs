@@ -43,18 +43,45 @@ impl ScanState {
     }
 }
 
-/// Safety: `scan` was set up by `ambeginscan`.
+/// A scan's state, in the memory context the scan began in: freed by `amendscan`, or, when the
+/// query ends in an ERROR and `amendscan` never runs, by the context's reset callback.
+#[repr(C)]
+struct Owned {
+    callback: pg_sys::MemoryContextCallback,
+    state: *mut ScanState,
+}
+
+/// Frees the state (once: later calls find it gone).
+#[pg_guard]
+unsafe extern "C-unwind" fn free_state(owned: *mut std::ffi::c_void) {
+    // Safety: `owned` is the Owned that ambeginscan registered, alive until its context goes.
+    unsafe {
+        let owned = owned as *mut Owned;
+        let state = std::mem::replace(&mut (*owned).state, std::ptr::null_mut());
+        if !state.is_null() {
+            drop(Box::from_raw(state));
+        }
+    }
+}
+
+/// Safety: `scan` was set up by `ambeginscan` and not ended.
 unsafe fn state<'a>(scan: pg_sys::IndexScanDesc) -> &'a mut ScanState {
     // Safety: guaranteed by the caller.
-    unsafe { &mut *((*scan).opaque as *mut ScanState) }
+    unsafe { &mut *(*((*scan).opaque as *mut Owned)).state }
 }
 
 #[pg_guard]
 pub unsafe extern "C-unwind" fn ambeginscan(index: pg_sys::Relation, nkeys: i32, norderbys: i32) -> pg_sys::IndexScanDesc {
-    // Safety: the standard scan descriptor; our state is freed in amendscan.
+    // Safety: the standard scan descriptor; the Owned lives in the same memory context, and
+    // its callback frees the state if amendscan does not.
     unsafe {
         let scan = pg_sys::RelationGetIndexScan(index, nkeys, norderbys);
-        (*scan).opaque = Box::into_raw(Box::new(ScanState::new())) as *mut std::ffi::c_void;
+        let owned = pg_sys::palloc0(std::mem::size_of::<Owned>()) as *mut Owned;
+        (*owned).state = Box::into_raw(Box::new(ScanState::new()));
+        (*owned).callback.func = Some(free_state);
+        (*owned).callback.arg = owned as *mut std::ffi::c_void;
+        pg_sys::MemoryContextRegisterResetCallback(pg_sys::CurrentMemoryContext, &mut (*owned).callback);
+        (*scan).opaque = owned as *mut std::ffi::c_void;
         scan
     }
 }
@@ -188,11 +215,11 @@ unsafe fn start(scan: pg_sys::IndexScanDesc, st: &mut ScanState) {
 
 #[pg_guard]
 pub unsafe extern "C-unwind" fn amendscan(scan: pg_sys::IndexScanDesc) {
-    // Safety: the pointer came from Box::into_raw in ambeginscan.
+    // Safety: set up by ambeginscan; the Owned itself goes with its memory context.
     unsafe {
-        let opaque = (*scan).opaque as *mut ScanState;
-        if !opaque.is_null() {
-            drop(Box::from_raw(opaque));
+        let owned = (*scan).opaque;
+        if !owned.is_null() {
+            free_state(owned);
             (*scan).opaque = std::ptr::null_mut();
         }
     }

@@ -1,13 +1,14 @@
 //! VACUUM: `ambulkdelete` and `amvacuumcleanup`.
 //!
-//! Three passes under the exclusive `UPDATE_LOCK` (inserts wait; scans go on):
+//! Three passes; the first two under the exclusive `UPDATE_LOCK` (inserts wait; scans go on):
 //! 1. mark the elements whose heap rows are dead DELETED (scans skip them, but still route
 //!    through them);
 //! 2. repair: every live list that points at a DELETED element is rebuilt from its live
 //!    neighbours and the deleted ones' neighbours, and a deleted entry point is replaced;
-//! 3. wait for the scans walking the graph (`SCAN_LOCK`), which may still hold ids of DELETED
-//!    elements, then turn DELETED into FREE: nothing points at them any more, inserts may
-//!    reuse them.
+//! 3. release `UPDATE_LOCK` (nothing can reach a DELETED element any more, so inserts may go
+//!    on; and PostgreSQL never takes a heavyweight lock while holding a page lock), wait for
+//!    the scans walking the graph (`SCAN_LOCK`), which may still hold ids of DELETED elements,
+//!    then turn DELETED into FREE, for inserts to reuse.
 
 use super::page::*;
 use super::storage::PageStorage;
@@ -78,8 +79,7 @@ pub unsafe extern "C-unwind" fn ambulkdelete(
     let callback = callback.expect("bulkdelete has a callback");
     let meta = read_meta(index);
     let dim = meta.dim as usize;
-    // Safety: heavyweight lock on the update tag; released below or at abort.
-    unsafe { pg_sys::LockPage(index, UPDATE_LOCK, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) };
+    let update = TagLock::take(index, UPDATE_LOCK, pg_sys::ExclusiveLock);
 
     let mut removed = 0.0;
     let mut live: Vec<(Id, usize)> = Vec::new();
@@ -115,6 +115,7 @@ pub unsafe extern "C-unwind" fn ambulkdelete(
                 storage.set_entry_point(best);
             }
         }
+        drop(update);
         drop(TagLock::take(index, SCAN_LOCK, pg_sys::ExclusiveLock));
         let mut first_free = pg_sys::InvalidBlockNumber;
         for_each_element(index, dim, pg_sys::BUFFER_LOCK_EXCLUSIVE, |block, _, h| {
@@ -131,9 +132,8 @@ pub unsafe extern "C-unwind" fn ambulkdelete(
             }
         });
     }
-    // Safety: taken above.
+    // Safety: `stats` is valid (ensure_stats).
     unsafe {
-        pg_sys::UnlockPage(index, UPDATE_LOCK, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
         (*stats).tuples_removed += removed;
         (*stats).num_index_tuples = live.len() as f64;
         (*stats).num_pages = number_of_blocks(index);
