@@ -133,9 +133,7 @@ impl RecentBuffers {
             buffer
         }
     }
-}
 
-impl RecentBuffers {
     /// Counts a block read from shared buffers in the index's statistics, as `ReadBuffer` does
     /// (`pg_statio_all_indexes.idx_blks_hit`; `ReadRecentBuffer` counts only the query's
     /// buffer usage). Every user reads the meta page with `ReadBuffer` first, which ties the

@@ -8,7 +8,7 @@
 
 use super::page::*;
 use super::storage::PageStorage;
-use super::{check_dimensions, UPDATE_LOCK};
+use super::{check_dimensions, TagLock, UPDATE_LOCK};
 use crate::vector::VectorRef;
 use lorag_hnsw::rng::Rng;
 use lorag_hnsw::Id;
@@ -65,15 +65,11 @@ pub fn insert_vector(index: pg_sys::Relation, v: &[f32], heap_tid: pg_sys::ItemP
     };
     let wanted = params.level_for(RNG.with(|r| r.borrow_mut().uniform())).min(max_level(params.m));
     let may_become_entry = meta.entry_point().is_none_or(|(_, top)| wanted > top);
-    let lock = if may_become_entry { pg_sys::ExclusiveLock } else { pg_sys::ShareLock } as pg_sys::LOCKMODE;
-    // Safety: a heavyweight page lock on a tag no data page uses; released below or at abort.
-    unsafe { pg_sys::LockPage(index, UPDATE_LOCK, lock) };
+    let _update = TagLock::take(index, UPDATE_LOCK, if may_become_entry { pg_sys::ExclusiveLock } else { pg_sys::ShareLock });
     let mut storage = PageStorage::new(index, &meta);
     storage.building = building;
     let (id, level) = allocate(&storage, &meta, heap_tid, wanted, &prepared);
     lorag_hnsw::insert::insert(&mut storage, &params, id, &prepared, level);
-    // Safety: taken above.
-    unsafe { pg_sys::UnlockPage(index, UPDATE_LOCK, lock) };
 }
 
 /// Writes the new element and its empty graph item; returns its id and level (which may be
