@@ -19,6 +19,7 @@ use crate::engine::ModelSpec;
 use crate::lora::AdapterPayload;
 use lorag_lora::Adapter;
 use std::sync::Arc;
+use crate::q8::Q8Matrix;
 use crate::ModelError;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
@@ -56,66 +57,19 @@ fn default_rope_theta() -> f64 {
 /// A frozen weight matrix (out × in).
 enum Weight {
     F32(Tensor),
-    /// 8-bit blocks, for GGUF models.
+    /// 8-bit blocks, for GGUF models ([`crate::q8`]).
     Q8(Q8Matrix),
 }
 
-/// Rows of 8-bit integers in blocks of [`Q8_BLOCK`] that share one scale (GGML's Q8_0
-/// layout, scales kept as f32): a quarter of F32's bytes.
-struct Q8Matrix {
-    rows: usize,
-    cols: usize,
-    values: Vec<i8>,
-    /// One per block, row after row.
-    scales: Vec<f32>,
-}
-
-const Q8_BLOCK: usize = 32;
-
-impl Q8Matrix {
-    /// Rounds `w` (rows × cols, cols a multiple of [`Q8_BLOCK`]) to 8 bits per block: scale =
-    /// the block's largest magnitude / 127.
-    fn quantize(w: &Tensor) -> candle_core::Result<Q8Matrix> {
-        let (rows, cols) = w.dims2()?;
-        let data = w.flatten_all()?.to_vec1::<f32>()?;
-        let mut values = vec![0i8; rows * cols];
-        let mut scales = vec![0f32; rows * cols / Q8_BLOCK];
-        for ((block, out), scale) in data.chunks(Q8_BLOCK).zip(values.chunks_mut(Q8_BLOCK)).zip(scales.iter_mut()) {
-            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            *scale = max / 127.0;
-            let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
-            for (o, v) in out.iter_mut().zip(block) {
-                *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
-            }
-        }
-        Ok(Q8Matrix { rows, cols, values, scales })
-    }
-
-    fn dequantize(&self, device: &Device) -> candle_core::Result<Tensor> {
-        use rayon::prelude::*;
-        let mut out = vec![0f32; self.rows * self.cols];
-        out.par_chunks_mut(Q8_BLOCK * 256).enumerate().for_each(|(c, chunk)| {
-            for (b, block) in chunk.chunks_mut(Q8_BLOCK).enumerate() {
-                let at = c * 256 + b;
-                let scale = self.scales[at];
-                for (o, v) in block.iter_mut().zip(&self.values[at * Q8_BLOCK..(at + 1) * Q8_BLOCK]) {
-                    *o = *v as f32 * scale;
-                }
-            }
-        });
-        Tensor::from_vec(out, (self.rows, self.cols), device)
-    }
-}
-
 impl Weight {
-    /// `x · Wᵀ`: decoding steps (a few rows) on the 8-bit blocks themselves; more rows
-    /// (prompts, training) through the F32 matrix, dequantized for the call.
+    /// `x · Wᵀ`: on the 8-bit blocks themselves where [`Q8Matrix::multiplies`] that many rows;
+    /// otherwise, and for training (gradients), through the F32 matrix, dequantized for the call.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Weight::F32(w) => linear(x, w),
             Weight::Q8(q) => {
-                if x.dims2()?.0 <= FEW_ROWS && !x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
-                    few_rows_matmul_q8(x, q)
+                if q.multiplies(x.dims2()?.0) && !x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
+                    q.matmul(x)
                 } else {
                     lorag_lora::frozen::frozen_matmul(x, &q.dequantize(x.device())?)
                 }
@@ -126,7 +80,7 @@ impl Weight {
     /// Turns into 8-bit blocks, where the rows split into whole blocks (else stays as it is).
     fn quantize(&mut self) -> candle_core::Result<()> {
         if let Weight::F32(w) = self {
-            if w.dim(1)? % Q8_BLOCK == 0 && w.device().is_cpu() {
+            if Q8Matrix::fits(w)? {
                 let q = Q8Matrix::quantize(w)?;
                 *self = Weight::Q8(q);
             }
@@ -138,7 +92,7 @@ impl Weight {
     fn bytes(&self) -> usize {
         match self {
             Weight::F32(w) => w.elem_count() * 4,
-            Weight::Q8(q) => q.values.len() + 4 * q.scales.len(),
+            Weight::Q8(q) => q.bytes(),
         }
     }
 }
@@ -317,6 +271,7 @@ impl Llama {
     /// Runs the new `tokens` of each stream (after what its cache holds), each with its own
     /// adapter (or none), and returns the next-token logits of each stream, (streams, vocab).
     pub fn forward(&self, batch: &mut [(&[u32], &mut KvCache, Option<&Adapter>)]) -> candle_core::Result<Tensor> {
+        use rayon::prelude::*;
         let device = self.cos.device();
         let all: Vec<u32> = batch.iter().flat_map(|(t, _, _)| t.iter().copied()).collect();
         let mut segments: Vec<Segment> = Vec::with_capacity(batch.len());
@@ -344,37 +299,38 @@ impl Llama {
             let q = (candle_nn::rotary_emb::rope(&heads_first(self.project(li, Q, &h, &segments)?, self.heads)?, &cos, &sin)? * scale)?;
             let k = candle_nn::rotary_emb::rope(&heads_first(self.project(li, K, &h, &segments)?, self.kv_heads)?, &cos, &sin)?;
             let v = heads_first(self.project(li, V, &h, &segments)?, self.kv_heads)?;
-            let mut outs = Vec::with_capacity(batch.len());
-            let mut offset = 0;
-            for (tokens, cache, _) in batch.iter_mut() {
-                let n = tokens.len();
-                let pos = cache.position;
-                let (ki, vi) = (k.narrow(2, offset, n)?, v.narrow(2, offset, n)?);
-                if cache.layers.len() < self.layers.len() {
-                    cache.layers.resize_with(self.layers.len(), || None);
-                }
-                let (kc, vc) = match cache.layers[li].take() {
-                    Some((kp, vp)) => (Tensor::cat(&[&kp, &ki], 2)?, Tensor::cat(&[&vp, &vi], 2)?),
-                    None => (ki.contiguous()?, vi.contiguous()?),
-                };
-                cache.layers[li] = Some((kc.clone(), vc.clone()));
-                // Grouped-query attention without copying the cache per query head: the `rep`
-                // query heads that share a key/value head are rows of one product with it.
-                let qi = q.narrow(2, offset, n)?.reshape((self.kv_heads, rep * n, hd))?;
-                let total = pos + n;
-                let mut att = qi.matmul(&kc.squeeze(0)?.t()?)?; // (kv_heads, rep·n, total)
-                if n > 1 {
-                    att = att.reshape((self.kv_heads, rep, n, total))?.broadcast_add(&causal_mask(n, pos, device)?)?.reshape((
-                        self.kv_heads,
-                        rep * n,
-                        total,
-                    ))?;
-                }
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let o = att.matmul(&vc.squeeze(0)?)?.reshape((self.heads, n, hd))?.transpose(0, 1)?.reshape((n, self.heads * hd))?;
-                outs.push(o);
-                offset += n;
-            }
+            // attention, each stream against its own cache: streams side by side on the cores
+            let outs = batch
+                .par_iter_mut()
+                .zip(segments.par_iter().map(|(first, _, _)| *first))
+                .map(|((tokens, cache, _), offset)| -> candle_core::Result<Tensor> {
+                    let n = tokens.len();
+                    let pos = cache.position;
+                    let (ki, vi) = (k.narrow(2, offset, n)?, v.narrow(2, offset, n)?);
+                    if cache.layers.len() < self.layers.len() {
+                        cache.layers.resize_with(self.layers.len(), || None);
+                    }
+                    let (kc, vc) = match cache.layers[li].take() {
+                        Some((kp, vp)) => (Tensor::cat(&[&kp, &ki], 2)?, Tensor::cat(&[&vp, &vi], 2)?),
+                        None => (ki.contiguous()?, vi.contiguous()?),
+                    };
+                    cache.layers[li] = Some((kc.clone(), vc.clone()));
+                    // Grouped-query attention without copying the cache per query head: the `rep`
+                    // query heads that share a key/value head are rows of one product with it.
+                    let qi = q.narrow(2, offset, n)?.reshape((self.kv_heads, rep * n, hd))?;
+                    let total = pos + n;
+                    let mut att = qi.matmul(&kc.squeeze(0)?.t()?)?; // (kv_heads, rep·n, total)
+                    if n > 1 {
+                        att = att.reshape((self.kv_heads, rep, n, total))?.broadcast_add(&causal_mask(n, pos, device)?)?.reshape((
+                            self.kv_heads,
+                            rep * n,
+                            total,
+                        ))?;
+                    }
+                    let att = candle_nn::ops::softmax_last_dim(&att)?;
+                    att.matmul(&vc.squeeze(0)?)?.reshape((self.heads, n, hd))?.transpose(0, 1)?.reshape((n, self.heads * hd))
+                })
+                .collect::<candle_core::Result<Vec<Tensor>>>()?;
             let o = Tensor::cat(&outs, 0)?;
             x = (x + self.project(li, O, &o, &segments)?)?;
             let h = layer.ln2.forward(&x)?;
@@ -431,7 +387,7 @@ impl Llama {
 }
 
 /// Rows up to which [`few_rows_matmul`] beats candle's general matmul.
-const FEW_ROWS: usize = 8;
+pub(crate) const FEW_ROWS: usize = 8;
 
 /// `x · Wᵀ` for a frozen `weight` (out × in): few rows (decoding steps) by [`few_rows_matmul`],
 /// the rest (prompts, training) by the frozen-weight matmul.
@@ -471,7 +427,7 @@ fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
 
 /// The (m × n) product whose column `o` `dots(o, out)` computes (the m rows of x times weight
 /// row o), weight rows in chunks across the cores.
-fn by_weight_rows(m: usize, n: usize, device: &Device, dots: impl Fn(usize, &mut [f32]) + Sync) -> candle_core::Result<Tensor> {
+pub(crate) fn by_weight_rows(m: usize, n: usize, device: &Device, dots: impl Fn(usize, &mut [f32]) + Sync) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
     const CHUNK: usize = 256;
     // out_t[o·m + r] = x_r · w_o
@@ -488,47 +444,6 @@ fn by_weight_rows(m: usize, n: usize, device: &Device, dots: impl Fn(usize, &mut
         }
     }
     Tensor::from_vec(out, (m, n), device)
-}
-
-/// [`few_rows_matmul`] on 8-bit blocks: each block is widened to f32 once and multiplied into
-/// every row of `x`.
-fn few_rows_matmul_q8(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
-    let (m, k) = x.dims2()?;
-    if k != w.cols {
-        candle_core::bail!("few_rows_matmul_q8: {m}×{k} times ({}×{})ᵀ", w.rows, w.cols);
-    }
-    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let blocks = k / Q8_BLOCK;
-    let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
-    by_weight_rows(m, w.rows, x.device(), |o, out| {
-        let (values, scales) = (&w.values[o * k..(o + 1) * k], &w.scales[o * blocks..(o + 1) * blocks]);
-        if avx512 {
-            // Safety: the CPU has AVX-512F and FMA (checked above).
-            unsafe { avx512::q8_rows(&xs, values, scales, out) }
-        } else {
-            row_dots_q8(&xs, values, scales, out)
-        }
-    })
-}
-
-/// [`row_dots`] for a row of 8-bit blocks (`values`, one scale per block).
-#[inline(always)]
-fn row_dots_q8(xs: &[f32], values: &[i8], scales: &[f32], out: &mut [f32]) {
-    let k = values.len();
-    let mut acc = [[0f32; 16]; FEW_ROWS];
-    for (b, &scale) in scales.iter().enumerate() {
-        let mut wide = [0f32; Q8_BLOCK];
-        for (w, v) in wide.iter_mut().zip(&values[b * Q8_BLOCK..(b + 1) * Q8_BLOCK]) {
-            *w = *v as f32 * scale;
-        }
-        for half in 0..Q8_BLOCK / 16 {
-            let wc: &[f32; 16] = wide[half * 16..half * 16 + 16].try_into().expect("16 values");
-            accumulate(&mut acc, out.len(), xs, k, b * Q8_BLOCK + half * 16, wc);
-        }
-    }
-    for (r, v) in out.iter_mut().enumerate() {
-        *v = acc[r].iter().sum::<f32>();
-    }
 }
 
 /// `out[r] = x_r · row` for the rows of `xs` (out.len() rows of row.len()): the weight row is
@@ -554,7 +469,7 @@ fn row_dots(xs: &[f32], row: &[f32], out: &mut [f32]) {
 
 /// `acc[r] += x_r[at..at + 16] · wc`, lane by lane, for the first `rows` rows of `xs` (rows of `k`).
 #[inline(always)]
-fn accumulate(acc: &mut [[f32; 16]; FEW_ROWS], rows: usize, xs: &[f32], k: usize, at: usize, wc: &[f32; 16]) {
+pub(crate) fn accumulate(acc: &mut [[f32; 16]; FEW_ROWS], rows: usize, xs: &[f32], k: usize, at: usize, wc: &[f32; 16]) {
     for (r, a) in acc.iter_mut().enumerate().take(rows) {
         let xc: &[f32; 16] = xs[r * k + at..r * k + at + 16].try_into().expect("16 values");
         for l in 0..16 {
@@ -570,8 +485,8 @@ fn accumulate(acc: &mut [[f32; 16]; FEW_ROWS], rows: usize, xs: &[f32], k: usize
 /// Each row has two accumulators (the two halves of a 32-value block), and a row's sums run in
 /// the same order whatever the row count, so a stream decodes alike alone or batched.
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{FEW_ROWS, Q8_BLOCK};
+pub(crate) mod avx512 {
+    use super::FEW_ROWS;
     use std::arch::x86_64::*;
 
     /// Calls `$kernel::<R>` for the run-time row count `$rows` (1..=FEW_ROWS).
@@ -590,6 +505,7 @@ mod avx512 {
             }
         };
     }
+    pub(crate) use for_rows;
 
     /// F32 weights.
     ///
@@ -623,38 +539,6 @@ mod avx512 {
                 sum = xs[r * k + i].mul_add(w[i], sum);
             }
             out[r] = sum;
-        }
-    }
-
-    /// 8-bit blocks (`values`, one scale per [`Q8_BLOCK`] of them), each widened to F32 once.
-    ///
-    /// Safety: the CPU must have AVX-512F and FMA.
-    pub unsafe fn q8_rows(xs: &[f32], values: &[i8], scales: &[f32], out: &mut [f32]) {
-        assert!(Q8_BLOCK == 32 && values.len() == scales.len() * Q8_BLOCK && xs.len() == out.len() * values.len() && out.len() <= FEW_ROWS);
-        // Safety: as for this function; the lengths were checked.
-        unsafe { for_rows!(out.len(), q8_kernel(xs, values, scales, out)) }
-    }
-
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn q8_kernel<const R: usize>(xs: &[f32], values: &[i8], scales: &[f32], out: &mut [f32]) {
-        let k = values.len();
-        let (x, v) = (xs.as_ptr(), values.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for (b, &scale) in scales.iter().enumerate() {
-            let s = _mm512_set1_ps(scale);
-            // Safety: block b's 32 values are inside `values`, and every row of xs has k values.
-            unsafe {
-                let widen = |at: usize| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(v.add(at) as *const __m128i))), s);
-                let (w0, w1) = (widen(b * 32), widen(b * 32 + 16));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xr = x.add(r * k + b * 32);
-                    a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, a[0]);
-                    a[1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr.add(16)), w1, a[1]);
-                }
-            }
-        }
-        for (o, a) in out.iter_mut().zip(&acc) {
-            *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
         }
     }
 }
@@ -1076,6 +960,39 @@ mod tests {
         // training-style passes (many rows, gradients) run on the dequantized matrices
         let block = Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         assert_eq!(q.model.block_logits(&block, None).unwrap().dims3().unwrap(), (1, tokens.len(), 49152));
+    }
+
+    /// Over a passage of 123 positions, the 8-bit model's next-token distributions stay close to
+    /// the F32 model's (prompts go through the same 8-bit products as decoding steps).
+    /// Measured: mean KL 0.0014, top-1 agreement 0.992 (activations rounded to 8 bits instead of
+    /// 16 gave 0.0046 and 0.976).
+    #[test]
+    fn gguf_next_token_distributions_stay_close_to_f32() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let (Some(f32), true) = (smollm2(), path.exists()) else { return };
+        let q = Generator::load(&path, &Device::Cpu).unwrap();
+        let text = "PostgreSQL is a powerful, open source object-relational database system with over 35 years of active development that has earned it a strong reputation for reliability, feature robustness, and performance. VACUUM reclaims storage occupied by dead tuples. In normal PostgreSQL operation, tuples that are deleted or obsoleted by an update are not physically removed from their table; they remain present until a VACUUM is done. Therefore it's necessary to do VACUUM periodically, especially on frequently-updated tables. The capital of France is Paris, and the capital of Germany is Berlin.";
+        let tokens = f32.encode(text).unwrap();
+        let block = Tensor::new(&tokens[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = |g: &Generator| g.model.block_logits(&block, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let (a, b) = (logits(&f32), logits(&q));
+        let softmax = |v: &[f32]| {
+            let m = v.iter().cloned().fold(f32::MIN, f32::max);
+            let e: Vec<f64> = v.iter().map(|x| ((x - m) as f64).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.into_iter().map(|x| x / s).collect::<Vec<f64>>()
+        };
+        let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let (mut agree, mut kl) = (0, 0f64);
+        for (x, y) in a.iter().zip(&b) {
+            agree += (argmax(x) == argmax(y)) as usize;
+            let (p, r) = (softmax(x), softmax(y));
+            kl += p.iter().zip(&r).map(|(p, r)| if *p > 0.0 { p * (p / r.max(1e-30)).ln() } else { 0.0 }).sum::<f64>();
+        }
+        let n = a.len() as f64;
+        assert!(n > 100.0);
+        assert!(kl / n < 0.003, "mean KL {}", kl / n);
+        assert!(agree as f64 / n >= 0.98, "top-1 agreement {}", agree as f64 / n);
     }
 
     #[test]

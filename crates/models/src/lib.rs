@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod lora;
 pub mod onnx;
 pub mod onnxrt;
+mod q8;
 pub mod rerank;
 pub mod protocol;
 pub mod serve;
