@@ -271,7 +271,6 @@ impl Llama {
     /// Runs the new `tokens` of each stream (after what its cache holds), each with its own
     /// adapter (or none), and returns the next-token logits of each stream, (streams, vocab).
     pub fn forward(&self, batch: &mut [(&[u32], &mut KvCache, Option<&Adapter>)]) -> candle_core::Result<Tensor> {
-        use rayon::prelude::*;
         let device = self.cos.device();
         let all: Vec<u32> = batch.iter().flat_map(|(t, _, _)| t.iter().copied()).collect();
         let mut segments: Vec<Segment> = Vec::with_capacity(batch.len());
@@ -299,38 +298,37 @@ impl Llama {
             let q = (candle_nn::rotary_emb::rope(&heads_first(self.project(li, Q, &h, &segments)?, self.heads)?, &cos, &sin)? * scale)?;
             let k = candle_nn::rotary_emb::rope(&heads_first(self.project(li, K, &h, &segments)?, self.kv_heads)?, &cos, &sin)?;
             let v = heads_first(self.project(li, V, &h, &segments)?, self.kv_heads)?;
-            // attention, each stream against its own cache: streams side by side on the cores
-            let outs = batch
-                .par_iter_mut()
-                .zip(segments.par_iter().map(|(first, _, _)| *first))
-                .map(|((tokens, cache, _), offset)| -> candle_core::Result<Tensor> {
-                    let n = tokens.len();
-                    let pos = cache.position;
-                    let (ki, vi) = (k.narrow(2, offset, n)?, v.narrow(2, offset, n)?);
-                    if cache.layers.len() < self.layers.len() {
-                        cache.layers.resize_with(self.layers.len(), || None);
-                    }
-                    let (kc, vc) = match cache.layers[li].take() {
-                        Some((kp, vp)) => (Tensor::cat(&[&kp, &ki], 2)?, Tensor::cat(&[&vp, &vi], 2)?),
-                        None => (ki.contiguous()?, vi.contiguous()?),
-                    };
-                    cache.layers[li] = Some((kc.clone(), vc.clone()));
-                    // Grouped-query attention without copying the cache per query head: the `rep`
-                    // query heads that share a key/value head are rows of one product with it.
-                    let qi = q.narrow(2, offset, n)?.reshape((self.kv_heads, rep * n, hd))?;
-                    let total = pos + n;
-                    let mut att = qi.matmul(&kc.squeeze(0)?.t()?)?; // (kv_heads, rep·n, total)
-                    if n > 1 {
-                        att = att.reshape((self.kv_heads, rep, n, total))?.broadcast_add(&causal_mask(n, pos, device)?)?.reshape((
-                            self.kv_heads,
-                            rep * n,
-                            total,
-                        ))?;
-                    }
-                    let att = candle_nn::ops::softmax_last_dim(&att)?;
-                    att.matmul(&vc.squeeze(0)?)?.reshape((self.heads, n, hd))?.transpose(0, 1)?.reshape((n, self.heads * hd))
-                })
-                .collect::<candle_core::Result<Vec<Tensor>>>()?;
+            let mut outs = Vec::with_capacity(batch.len());
+            let mut offset = 0;
+            for (tokens, cache, _) in batch.iter_mut() {
+                let n = tokens.len();
+                let pos = cache.position;
+                let (ki, vi) = (k.narrow(2, offset, n)?, v.narrow(2, offset, n)?);
+                if cache.layers.len() < self.layers.len() {
+                    cache.layers.resize_with(self.layers.len(), || None);
+                }
+                let (kc, vc) = match cache.layers[li].take() {
+                    Some((kp, vp)) => (Tensor::cat(&[&kp, &ki], 2)?, Tensor::cat(&[&vp, &vi], 2)?),
+                    None => (ki.contiguous()?, vi.contiguous()?),
+                };
+                cache.layers[li] = Some((kc.clone(), vc.clone()));
+                // Grouped-query attention without copying the cache per query head: the `rep`
+                // query heads that share a key/value head are rows of one product with it.
+                let qi = q.narrow(2, offset, n)?.reshape((self.kv_heads, rep * n, hd))?;
+                let total = pos + n;
+                let mut att = qi.matmul(&kc.squeeze(0)?.t()?)?; // (kv_heads, rep·n, total)
+                if n > 1 {
+                    att = att.reshape((self.kv_heads, rep, n, total))?.broadcast_add(&causal_mask(n, pos, device)?)?.reshape((
+                        self.kv_heads,
+                        rep * n,
+                        total,
+                    ))?;
+                }
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                let o = att.matmul(&vc.squeeze(0)?)?.reshape((self.heads, n, hd))?.transpose(0, 1)?.reshape((n, self.heads * hd))?;
+                outs.push(o);
+                offset += n;
+            }
             let o = Tensor::cat(&outs, 0)?;
             x = (x + self.project(li, O, &o, &segments)?)?;
             let h = layer.ln2.forward(&x)?;
