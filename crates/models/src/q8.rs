@@ -68,18 +68,29 @@ fn vnni() -> bool {
     }
 }
 
+/// The largest magnitude in `block`: the largest bit pattern of the absolute values (the same
+/// order for floats that are not NaN), so that the loop vectorizes.
+#[inline(always)]
+fn largest_magnitude(block: &[f32]) -> f32 {
+    f32::from_bits(block.iter().map(|v| v.to_bits() & 0x7fff_ffff).max().unwrap_or(0))
+}
+
+/// `x` rounded half away from zero, as `f32::round`, without its libm call (so that loops of
+/// it vectorize); saturates at the ends of i32.
+#[inline(always)]
+fn round_half_away(x: f32) -> i32 {
+    (x + 0.5f32.copysign(x)) as i32
+}
+
 /// Rounds each block of 32 values of `data` to 8 bits into `values` (scale = the block's largest
-/// magnitude / 127, into `scales`, half away from zero). Written so that it vectorizes: the
-/// largest magnitude as the largest bit pattern of the absolute values (the same order for
-/// floats that are not NaN), the rounding without libm's `roundf`.
+/// magnitude / 127, into `scales`).
 fn round_blocks(data: &[f32], values: &mut [i8], scales: &mut [f32]) {
     for ((block, out), scale) in data.chunks_exact(Q8_BLOCK).zip(values.chunks_exact_mut(Q8_BLOCK)).zip(scales.iter_mut()) {
-        let max = f32::from_bits(block.iter().map(|v| v.to_bits() & 0x7fff_ffff).max().unwrap_or(0));
+        let max = largest_magnitude(block);
         *scale = max / 127.0;
         let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
         for (o, v) in out.iter_mut().zip(block) {
-            let x = v * inv;
-            *o = ((x + 0.5f32.copysign(x)) as i32).clamp(-127, 127) as i8;
+            *o = round_half_away(v * inv).clamp(-127, 127) as i8;
         }
     }
 }
@@ -271,19 +282,18 @@ impl RoundedRows {
     }
 
     /// Rounds `xs` block by block (scale = largest magnitude / [`HALF_MAX`], half away from
-    /// zero). Written so that it vectorizes, as [`round_blocks`]; NaN or infinite activations
+    /// zero). Written so that it vectorizes; NaN or infinite activations
     /// give NaN outputs, never undefined behaviour.
     #[inline(always)]
     fn round(&mut self, xs: &[f32]) {
         let blocks = xs.chunks_exact(Q8_BLOCK).zip(self.high.chunks_exact_mut(Q8_BLOCK)).zip(self.low.chunks_exact_mut(Q8_BLOCK));
         for (b, ((block, high), low)) in blocks.enumerate() {
-            let max = f32::from_bits(block.iter().map(|v| v.to_bits() & 0x7fff_ffff).max().unwrap_or(0));
+            let max = largest_magnitude(block);
             self.scales[b] = max / HALF_MAX;
             let inv = if max > 0.0 { HALF_MAX / max } else { 0.0 };
             let mut sum = 0i32;
             for ((h, l), v) in high.iter_mut().zip(low.iter_mut()).zip(block) {
-                let x = v * inv;
-                let q = ((x + 0.5f32.copysign(x)) as i32).clamp(-(HALF_MAX as i32), HALF_MAX as i32);
+                let q = round_half_away(v * inv).clamp(-(HALF_MAX as i32), HALF_MAX as i32);
                 let up = (q + 128) >> 8;
                 *h = up as i8;
                 *l = (q - 256 * up) as i8;
