@@ -56,6 +56,12 @@ enum Layout {
     Interleaved,
 }
 
+/// Where weight (16g + l, 32b + 4q + j) is in the `Interleaved` layout, `block` = g·blocks + b
+/// (the index of [`Layout::Interleaved`]).
+fn interleaved_at(block: usize, q: usize, l: usize, j: usize) -> usize {
+    ((block * (Q8_BLOCK / 4) + q) * LANES + l) * 4 + j
+}
+
 /// Whether this CPU runs the interleaved kernel.
 fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -126,7 +132,7 @@ impl Q8Matrix {
                 for q in 0..Q8_BLOCK / 4 {
                     for j in 0..4 {
                         let w = self.values[o * self.cols + b * Q8_BLOCK + q * 4 + j];
-                        values[(((g * blocks + b) * 8 + q) * LANES + l) * 4 + j] = (w as u8 ^ 0x80) as i8;
+                        values[interleaved_at(g * blocks + b, q, l, j)] = (w as u8 ^ 0x80) as i8;
                     }
                 }
             }
@@ -185,15 +191,15 @@ impl Q8Matrix {
         }
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         match self.layout {
-            Layout::Rows => Ok(self.widened_matmul(&xs, m, x.device())?),
-            Layout::Interleaved => Ok(self.interleaved_matmul(&xs, m, x.device())?),
+            Layout::Rows => self.widened_matmul(&xs, m, x.device()),
+            Layout::Interleaved => self.interleaved_matmul(&xs, m, x.device()),
         }
     }
 
     /// `Rows`: each block widened to f32 once and multiplied into every row of `xs`.
     fn widened_matmul(&self, xs: &[f32], m: usize, device: &Device) -> candle_core::Result<Tensor> {
         let (k, blocks) = (self.cols, self.cols / Q8_BLOCK);
-        let avx512 = cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
+        let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
         by_weight_rows(m, self.rows, device, |o, out| {
             let (values, scales) = (&self.values[o * k..(o + 1) * k], &self.scales[o * blocks..(o + 1) * blocks]);
             if avx512 {
@@ -339,7 +345,7 @@ fn interleaved_dots(act: &RoundedRows, values: &[i8], scales: &[f32], out: &mut 
                 let (mut high, mut low) = (0i32, act.surplus[r * blocks + b]);
                 for q in 0..Q8_BLOCK / 4 {
                     for j in 0..4 {
-                        let w = values[(((b * 8) + q) * LANES + l) * 4 + j] as u8 as i32;
+                        let w = values[interleaved_at(b, q, l, j)] as u8 as i32;
                         let at = r * k + b * Q8_BLOCK + q * 4 + j;
                         high += w * act.high[at] as i32;
                         low += w * act.low[at] as i32;
