@@ -170,12 +170,47 @@ pub struct Llama {
     pub config: Config,
 }
 
-/// One stream's keys and values, per layer: (1, kv_heads, positions, head_dim).
+/// One stream's keys and values, per layer: (kv_heads, capacity, head_dim) each, written in
+/// place; the first `position` positions hold values.
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     pub position: usize,
 }
+
+impl KvCache {
+    /// Writes the keys and values `k`, `v` (kv_heads, n, head_dim) of the next `n` positions of
+    /// layer `li` (of `layers`) in place, and returns that layer's buffers. A full buffer is
+    /// copied into one twice its size (never past `window` positions unless more are needed),
+    /// so a step writes only its own positions where concatenating copied the whole cache.
+    fn append(&mut self, li: usize, layers: usize, window: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        if self.layers.len() < layers {
+            self.layers.resize_with(layers, || None);
+        }
+        let (heads, n, hd) = k.dims3()?;
+        let needed = self.position + n;
+        let capacity = self.layers[li].as_ref().map_or(0, |(kc, _)| kc.dim(1).unwrap_or(0));
+        if capacity < needed {
+            let grown = needed.next_power_of_two().max(KV_MIN_CAPACITY).min(window).max(needed);
+            let resize = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
+                let buffer = Tensor::zeros((heads, grown, hd), k.dtype(), k.device())?;
+                if let Some(old) = old.filter(|_| self.position > 0) {
+                    buffer.slice_set(&old.narrow(1, 0, self.position)?.contiguous()?, 1, 0)?;
+                }
+                Ok(buffer)
+            };
+            let old = self.layers[li].take();
+            self.layers[li] = Some((resize(old.as_ref().map(|o| &o.0))?, resize(old.as_ref().map(|o| &o.1))?));
+        }
+        let (kc, vc) = self.layers[li].clone().expect("the layer's buffers were made above");
+        kc.slice_set(&k.contiguous()?, 1, self.position)?;
+        vc.slice_set(&v.contiguous()?, 1, self.position)?;
+        Ok((kc, vc))
+    }
+}
+
+/// Positions a stream's cache holds at first (it doubles when full).
+const KV_MIN_CAPACITY: usize = 64;
 
 impl Llama {
     pub fn load(vb: VarBuilder, config: Config) -> candle_core::Result<Llama> {
@@ -310,26 +345,27 @@ impl Llama {
                     .collect()
             })
             .collect::<candle_core::Result<_>>()?;
+        let by_hand = device.is_cpu() && x.dtype() == DType::F32;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.ln1.forward(&x)?;
             let q = (candle_nn::rotary_emb::rope(&heads_first(self.project(li, Q, &h, &segments)?, self.heads)?, &cos, &sin)? * scale)?;
             let k = candle_nn::rotary_emb::rope(&heads_first(self.project(li, K, &h, &segments)?, self.kv_heads)?, &cos, &sin)?;
             let v = heads_first(self.project(li, V, &h, &segments)?, self.kv_heads)?;
             let mut outs = Vec::with_capacity(batch.len());
+            // streams decoding one token, attended by hand: (first row, its cache's buffers, keys it sees)
+            let mut steps = Vec::new();
             let mut offset = 0;
             for ((tokens, cache, _), chunks) in batch.iter_mut().zip(&chunks) {
                 let n = tokens.len();
                 let pos = cache.position;
-                let (ki, vi) = (k.narrow(2, offset, n)?, v.narrow(2, offset, n)?);
-                if cache.layers.len() < self.layers.len() {
-                    cache.layers.resize_with(self.layers.len(), || None);
+                let (ki, vi) = (k.narrow(2, offset, n)?.squeeze(0)?, v.narrow(2, offset, n)?.squeeze(0)?);
+                let (kc, vc) = cache.append(li, self.layers.len(), self.config.max_position_embeddings, &ki, &vi)?; // (kv_heads, capacity, hd)
+                if by_hand && n == 1 {
+                    steps.push((offset, kc, vc, pos + 1));
+                    outs.push(None);
+                    offset += n;
+                    continue;
                 }
-                let (kc, vc) = match cache.layers[li].take() {
-                    Some((kp, vp)) => (Tensor::cat(&[&kp, &ki], 2)?, Tensor::cat(&[&vp, &vi], 2)?),
-                    None => (ki.contiguous()?, vi.contiguous()?),
-                };
-                cache.layers[li] = Some((kc.clone(), vc.clone()));
-                let (kc, vc) = (kc.squeeze(0)?, vc.squeeze(0)?); // (kv_heads, pos + n, hd)
                 for (first, len, mask) in chunks {
                     let (first, len) = (*first, *len);
                     // the keys these queries may see
@@ -343,11 +379,15 @@ impl Llama {
                     }
                     let att = candle_nn::ops::softmax_last_dim(&att)?;
                     let o = att.matmul(&vc.narrow(1, 0, seen)?)?.reshape((self.heads, len, hd))?.transpose(0, 1)?.reshape((len, self.heads * hd))?;
-                    outs.push(o);
+                    outs.push(Some(o));
                 }
                 offset += n;
             }
-            let o = Tensor::cat(&outs, 0)?;
+            let o = if steps.is_empty() {
+                Tensor::cat(&outs.into_iter().flatten().collect::<Vec<_>>(), 0)?
+            } else {
+                self.attend_steps(&q, &steps, outs)?
+            };
             x = (x + self.project(li, O, &o, &segments)?)?;
             let h = layer.ln2.forward(&x)?;
             let act = (candle_nn::ops::silu(&self.project(li, GATE, &h, &segments)?)? * self.project(li, UP, &h, &segments)?)?;
@@ -362,6 +402,57 @@ impl Llama {
         }
         let x = x.index_select(&Tensor::new(last.as_slice(), device)?, 0)?;
         self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+
+    /// Attention of the streams in `steps` that decode one token, (first row, keys, values, keys
+    /// it sees) with its cache's buffers (kv_heads, capacity, hd): every (stream, key/value head)
+    /// is a task on the pool that reads the cache in place ([`attend`]), where candle's ops ran
+    /// one stream after another on one core (two products, a softmax and reshapes per stream and
+    /// layer). `outs` holds the other streams' outputs in row order, `None` where a step's row
+    /// goes; returns all rows, (rows, heads · hd).
+    fn attend_steps(&self, q: &Tensor, steps: &[(usize, Tensor, Tensor, usize)], outs: Vec<Option<Tensor>>) -> candle_core::Result<Tensor> {
+        use rayon::prelude::*;
+        let (_, heads, rows, hd) = q.dims4()?; // q: (1, heads, rows, hd), scaled
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let (kv_heads, rep) = (self.kv_heads, self.heads / self.kv_heads);
+        let guards: Vec<_> = steps.iter().map(|(_, k, v, _)| (k.storage_and_layout(), v.storage_and_layout())).collect();
+        let mut caches = Vec::with_capacity(steps.len());
+        for (((ks, kl), (vs, vl)), (_, k, _, _)) in guards.iter().zip(steps) {
+            let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&**ks, &**vs) else {
+                candle_core::bail!("attend_steps: the cache is not on the CPU")
+            };
+            caches.push((&kc.as_slice::<f32>()?[kl.start_offset()..], &vc.as_slice::<f32>()?[vl.start_offset()..], k.dim(1)?));
+        }
+        let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("fma");
+        let mut out = vec![0f32; steps.len() * heads * hd];
+        out.par_chunks_mut(rep * hd).enumerate().for_each(|(task, out)| {
+            let (s, g) = (task / kv_heads, task % kv_heads);
+            let (row, seen) = (steps[s].0, steps[s].3);
+            let (keys, values, capacity) = caches[s];
+            let at = g * capacity * hd;
+            let (keys, values) = (&keys[at..at + seen * hd], &values[at..at + seen * hd]);
+            // the rep query heads of key/value head g, one after another
+            let queries: Vec<f32> = (g * rep..(g + 1) * rep).flat_map(|h| &q[(h * rows + row) * hd..(h * rows + row + 1) * hd]).copied().collect();
+            let mut run = || attend(&queries, keys, values, hd, out, avx512);
+            if avx512 {
+                // Safety: the CPU has AVX-512F and AVX-512BW (checked above).
+                unsafe { avx512::with_avx512(&mut run) }
+            } else {
+                run()
+            }
+        });
+        if outs.iter().all(Option::is_none) {
+            return Tensor::from_vec(out, (steps.len(), heads * hd), self.cos.device());
+        }
+        let mut parts = Vec::with_capacity(outs.len());
+        let mut stepped = out.chunks_exact(heads * hd);
+        for o in outs {
+            parts.push(match o {
+                Some(o) => o,
+                None => Tensor::from_slice(stepped.next().expect("one row per step"), (1, heads * hd), self.cos.device())?,
+            });
+        }
+        Tensor::cat(&parts, 0)
     }
 
     /// Logits of every position of token blocks (blocks, positions) → (blocks, positions, vocab),
@@ -399,6 +490,43 @@ impl Llama {
         }
         let x = lorag_lora::ops::rms_norm(&x, &self.norm_w, eps)?;
         self.lm_head.forward(&x)?.reshape((b, l, self.config.vocab_size))
+    }
+}
+
+/// One query row's attention for the query heads (`queries`, heads × hd, already scaled) that
+/// share one key/value head, against that head's `keys` and `values` (positions × hd): `out`
+/// (heads × hd). The scores of all heads come from one pass over the keys, each key read once
+/// (the few-row kernels).
+#[inline]
+fn attend(queries: &[f32], keys: &[f32], values: &[f32], hd: usize, out: &mut [f32], avx512: bool) {
+    let heads = queries.len() / hd;
+    let seen = keys.len() / hd;
+    // scores[p · heads + j] = query j · key p
+    let mut scores = vec![0f32; seen * heads];
+    for (key, s) in keys.chunks_exact(hd).zip(scores.chunks_exact_mut(heads)) {
+        for (qs, s) in queries.chunks(FEW_ROWS * hd).zip(s.chunks_mut(FEW_ROWS)) {
+            if avx512 {
+                // Safety: the caller saw AVX-512F and FMA.
+                unsafe { avx512::f32_rows(qs, key, s) }
+            } else {
+                row_dots(qs, key, s)
+            }
+        }
+    }
+    for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+        let max = scores.iter().skip(j).step_by(heads).fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sum = 0.0;
+        for s in scores.iter_mut().skip(j).step_by(heads) {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        o.fill(0.0);
+        for (p, value) in values.chunks_exact(hd).enumerate() {
+            let w = scores[p * heads + j] / sum;
+            for (o, v) in o.iter_mut().zip(value) {
+                *o += w * v;
+            }
+        }
     }
 }
 
@@ -529,6 +657,15 @@ pub(crate) mod avx512 {
         };
     }
     pub(crate) use for_rows;
+
+    /// Runs `f` (inlined) compiled for AVX-512: how plain loops, written to vectorize, get
+    /// 512-bit vectors without building the whole crate for them.
+    ///
+    /// Safety: the CPU must have AVX-512F and AVX-512BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn with_avx512(f: &mut impl FnMut()) {
+        f()
+    }
 
     /// F32 weights.
     ///
@@ -1023,7 +1160,7 @@ mod tests {
     /// attention runs in chunks in one pass or in two passes, the second against the first's
     /// cache, and batched with another stream's prompt.
     #[test]
-    fn long_prompts_attend_alike_in_one_pass_or_two() {
+    fn attention_is_alike_in_one_pass_two_passes_or_steps() {
         let Some(g) = smollm2() else { return };
         let tokens = g.encode(&"Tables have rows and columns; indexes speed up lookups. ".repeat(30)).unwrap();
         assert!(tokens.len() > 2 * ATTENTION_ROWS + 10, "{} tokens", tokens.len());
@@ -1045,6 +1182,19 @@ mod tests {
         let both = g.model.forward(&mut [(&short[..], &mut KvCache::default(), None), (&tokens[..], &mut KvCache::default(), None)]).unwrap();
         close(&both.get(0).unwrap().to_vec1::<f32>().unwrap(), &alone);
         close(&both.get(1).unwrap().to_vec1::<f32>().unwrap(), &one);
+        // the last positions one decoding step at a time (attended by hand against the cache in
+        // place, which grows past 256 positions on the way), and a step batched with a prompt
+        let start = 250;
+        assert!(tokens.len() > 256 + 2, "{} tokens", tokens.len());
+        let mut cache = KvCache::default();
+        g.model.forward(&mut [(&tokens[..start], &mut cache, None)]).unwrap();
+        for t in start..tokens.len() - 1 {
+            g.model.forward(&mut [(&tokens[t..t + 1], &mut cache, None)]).unwrap();
+        }
+        let mut other = KvCache::default();
+        let both = g.model.forward(&mut [(&tokens[tokens.len() - 1..], &mut cache, None), (&short[..], &mut other, None)]).unwrap();
+        close(&both.get(0).unwrap().to_vec1::<f32>().unwrap(), &one);
+        close(&both.get(1).unwrap().to_vec1::<f32>().unwrap(), &alone);
     }
 
     #[test]

@@ -280,7 +280,7 @@ impl RoundedRows {
         let mut round = || act.round(xs);
         if vnni() {
             // Safety: the CPU has AVX-512F and AVX-512BW (vnni() checked them).
-            unsafe { avx512::with_avx512(&mut round) }
+            unsafe { crate::generate::avx512::with_avx512(&mut round) }
         } else {
             round()
         }
@@ -364,15 +364,6 @@ mod avx512 {
     use super::{RoundedRows, FEW_ROWS, LANES, Q8_BLOCK};
     use crate::generate::avx512::for_rows;
     use std::arch::x86_64::*;
-
-    /// Runs `f` (inlined) compiled for AVX-512: how plain loops, written to vectorize, get
-    /// 512-bit vectors without building the whole crate for them.
-    ///
-    /// Safety: the CPU must have AVX-512F and AVX-512BW.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn with_avx512(f: &mut impl FnMut()) {
-        f()
-    }
 
     /// `Rows` layout: `out[r] = x_r · w` for the `out.len()` rows of `xs`, each block of
     /// `values` (one scale per [`Q8_BLOCK`]) widened to F32 once.
