@@ -423,7 +423,7 @@ impl Llama {
             };
             caches.push((&kc.as_slice::<f32>()?[kl.start_offset()..], &vc.as_slice::<f32>()?[vl.start_offset()..], k.dim(1)?));
         }
-        let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("fma");
+        let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
         let mut out = vec![0f32; steps.len() * heads * hd];
         out.par_chunks_mut(rep * hd).enumerate().for_each(|(task, out)| {
             let (s, g) = (task / kv_heads, task % kv_heads);
@@ -433,12 +433,11 @@ impl Llama {
             let (keys, values) = (&keys[at..at + seen * hd], &values[at..at + seen * hd]);
             // the rep query heads of key/value head g, one after another
             let queries: Vec<f32> = (g * rep..(g + 1) * rep).flat_map(|h| &q[(h * rows + row) * hd..(h * rows + row + 1) * hd]).copied().collect();
-            let mut run = || attend(&queries, keys, values, hd, out, avx512);
             if avx512 {
-                // Safety: the CPU has AVX-512F and AVX-512BW (checked above).
-                unsafe { avx512::with_avx512(&mut run) }
+                // Safety: the CPU has AVX-512F and FMA (checked above).
+                unsafe { avx512::attend(&queries, keys, values, hd, out) }
             } else {
-                run()
+                attend(&queries, keys, values, hd, out, false)
             }
         });
         if outs.iter().all(Option::is_none) {
@@ -496,8 +495,8 @@ impl Llama {
 /// One query row's attention for the query heads (`queries`, heads × hd, already scaled) that
 /// share one key/value head, against that head's `keys` and `values` (positions × hd): `out`
 /// (heads × hd). The scores of all heads come from one pass over the keys, each key read once
-/// (the few-row kernels).
-#[inline]
+/// (the few-row kernels). Inlined into [`avx512::attend`], so that its loops vectorize there.
+#[inline(always)]
 fn attend(queries: &[f32], keys: &[f32], values: &[f32], hd: usize, out: &mut [f32], avx512: bool) {
     let heads = queries.len() / hd;
     let seen = keys.len() / hd;
@@ -529,6 +528,7 @@ fn attend(queries: &[f32], keys: &[f32], values: &[f32], hd: usize, out: &mut [f
         }
     }
 }
+
 
 /// Query rows of a prompt whose attention is computed together: a prompt's attention in chunks
 /// sees only the keys up to each chunk's end (half the work of the whole square under the
@@ -658,13 +658,12 @@ pub(crate) mod avx512 {
     }
     pub(crate) use for_rows;
 
-    /// Runs `f` (inlined) compiled for AVX-512: how plain loops, written to vectorize, get
-    /// 512-bit vectors without building the whole crate for them.
+    /// [`super::attend`] compiled for AVX-512 (its plain loops get 512-bit vectors).
     ///
-    /// Safety: the CPU must have AVX-512F and AVX-512BW.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn with_avx512(f: &mut impl FnMut()) {
-        f()
+    /// Safety: the CPU must have AVX-512F and FMA.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn attend(queries: &[f32], keys: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
+        super::attend(queries, keys, values, hd, out, true)
     }
 
     /// F32 weights.
