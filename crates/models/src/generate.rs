@@ -437,7 +437,7 @@ impl Llama {
                 // Safety: the CPU has AVX-512F and FMA (checked above).
                 unsafe { avx512::attend(&queries, keys, values, hd, out) }
             } else {
-                attend(&queries, keys, values, hd, out, false)
+                attend(&queries, keys, values, hd, out)
             }
         });
         if outs.iter().all(Option::is_none) {
@@ -494,34 +494,19 @@ impl Llama {
 
 /// One query row's attention for the query heads (`queries`, heads × hd, already scaled) that
 /// share one key/value head, against that head's `keys` and `values` (positions × hd): `out`
-/// (heads × hd). The scores of all heads come from one pass over the keys, each key read once
-/// (the few-row kernels). Inlined into [`avx512::attend`], so that its loops vectorize there.
-#[inline(always)]
-fn attend(queries: &[f32], keys: &[f32], values: &[f32], hd: usize, out: &mut [f32], avx512: bool) {
-    let heads = queries.len() / hd;
+/// (heads × hd). Plain loops: where AVX-512 runs, [`avx512::attend`] does this instead.
+fn attend(queries: &[f32], keys: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
     let seen = keys.len() / hd;
-    // scores[p · heads + j] = query j · key p
-    let mut scores = vec![0f32; seen * heads];
-    for (key, s) in keys.chunks_exact(hd).zip(scores.chunks_exact_mut(heads)) {
-        for (qs, s) in queries.chunks(FEW_ROWS * hd).zip(s.chunks_mut(FEW_ROWS)) {
-            if avx512 {
-                // Safety: the caller saw AVX-512F and FMA.
-                unsafe { avx512::f32_rows(qs, key, s) }
-            } else {
-                row_dots(qs, key, s)
-            }
+    let mut scores = vec![0f32; seen];
+    for (query, o) in queries.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        for (s, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
+            let mut acc = [0f32];
+            row_dots(query, key, &mut acc);
+            *s = acc[0];
         }
-    }
-    for (j, o) in out.chunks_exact_mut(hd).enumerate() {
-        let max = scores.iter().skip(j).step_by(heads).fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0.0;
-        for s in scores.iter_mut().skip(j).step_by(heads) {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
+        softmax_in_place(&mut scores);
         o.fill(0.0);
-        for (p, value) in values.chunks_exact(hd).enumerate() {
-            let w = scores[p * heads + j] / sum;
+        for (w, value) in scores.iter().zip(values.chunks_exact(hd)) {
             for (o, v) in o.iter_mut().zip(value) {
                 *o += w * v;
             }
@@ -529,6 +514,20 @@ fn attend(queries: &[f32], keys: &[f32], values: &[f32], hd: usize, out: &mut [f
     }
 }
 
+/// `scores` → their softmax, in place.
+#[inline(always)]
+fn softmax_in_place(scores: &mut [f32]) {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
+}
 
 /// Query rows of a prompt whose attention is computed together: a prompt's attention in chunks
 /// sees only the keys up to each chunk's end (half the work of the whole square under the
@@ -658,12 +657,55 @@ pub(crate) mod avx512 {
     }
     pub(crate) use for_rows;
 
-    /// [`super::attend`] compiled for AVX-512 (its plain loops get 512-bit vectors).
+    /// [`super::attend`] with AVX-512 for head sizes of 32, 64 and 128 (the rest take the plain
+    /// loops): a query head's 16-value chunks stay in registers while its scores are taken key
+    /// by key, and its output's chunks while the values are summed, position by position.
     ///
     /// Safety: the CPU must have AVX-512F and FMA.
-    #[target_feature(enable = "avx512f,fma")]
     pub unsafe fn attend(queries: &[f32], keys: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
-        super::attend(queries, keys, values, hd, out, true)
+        assert!(queries.len() == out.len() && queries.len() % hd == 0 && keys.len() == values.len() && keys.len() % hd == 0);
+        // Safety: as for this function; the lengths were checked.
+        unsafe {
+            match hd {
+                32 => attend_kernel::<2>(queries, keys, values, out),
+                64 => attend_kernel::<4>(queries, keys, values, out),
+                128 => attend_kernel::<8>(queries, keys, values, out),
+                _ => super::attend(queries, keys, values, hd, out),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn attend_kernel<const C: usize>(queries: &[f32], keys: &[f32], values: &[f32], out: &mut [f32]) {
+        let hd = C * 16;
+        let seen = keys.len() / hd;
+        let mut scores = vec![0f32; seen];
+        for (query, o) in queries.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+            // Safety: every chunk read is inside query, or inside key or value row p < seen of
+            // keys and values (lengths checked by the caller); o has hd values.
+            unsafe {
+                let q: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(query.as_ptr().add(16 * c)));
+                for (p, s) in scores.iter_mut().enumerate() {
+                    let key = keys.as_ptr().add(p * hd);
+                    let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
+                    for (c, qc) in q.iter().enumerate().skip(1) {
+                        acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(key.add(16 * c)), acc);
+                    }
+                    *s = _mm512_reduce_add_ps(acc);
+                }
+                super::softmax_in_place(&mut scores);
+                let mut acc = [_mm512_setzero_ps(); C];
+                for (p, w) in scores.iter().enumerate() {
+                    let (value, w) = (values.as_ptr().add(p * hd), _mm512_set1_ps(*w));
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(value.add(16 * c)), *a);
+                    }
+                }
+                for (c, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), *a);
+                }
+            }
+        }
     }
 
     /// F32 weights.
@@ -1194,6 +1236,47 @@ mod tests {
         let both = g.model.forward(&mut [(&tokens[tokens.len() - 1..], &mut cache, None), (&short[..], &mut other, None)]).unwrap();
         close(&both.get(0).unwrap().to_vec1::<f32>().unwrap(), &one);
         close(&both.get(1).unwrap().to_vec1::<f32>().unwrap(), &alone);
+    }
+
+    /// A decoding step's attention, by the plain loops and by the AVX-512 kernels, equals the
+    /// softmax-weighted sum of values computed in f64, for the head sizes the kernels take and
+    /// one they leave to the plain loops, from one key to several hundred.
+    #[test]
+    fn step_attention_matches_its_definition() {
+        let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
+        let value = |i: usize, salt: usize| ((i * 7919 + salt * 104729) % 2001) as f32 / 1000.0 - 1.0;
+        for hd in [32, 48, 64, 128] {
+            for (heads, seen) in [(1, 1), (3, 2), (3, 37), (2, 300)] {
+                let queries: Vec<f32> = (0..heads * hd).map(|i| 0.3 * value(i, 1)).collect();
+                let keys: Vec<f32> = (0..seen * hd).map(|i| value(i, 2)).collect();
+                let values: Vec<f32> = (0..seen * hd).map(|i| value(i, 3)).collect();
+                let mut expected = vec![0f64; heads * hd];
+                for j in 0..heads {
+                    let dot = |p: usize| (0..hd).map(|d| queries[j * hd + d] as f64 * keys[p * hd + d] as f64).sum::<f64>();
+                    let scores: Vec<f64> = (0..seen).map(dot).collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = weights.iter().sum();
+                    for d in 0..hd {
+                        expected[j * hd + d] = (0..seen).map(|p| weights[p] / sum * values[p * hd + d] as f64).sum();
+                    }
+                }
+                let mut plain = vec![0f32; heads * hd];
+                attend(&queries, &keys, &values, hd, &mut plain);
+                let mut outs = vec![plain];
+                if avx512 {
+                    let mut fast = vec![0f32; heads * hd];
+                    // Safety: the CPU has AVX-512F and FMA (checked above).
+                    unsafe { avx512::attend(&queries, &keys, &values, hd, &mut fast) };
+                    outs.push(fast);
+                }
+                for out in outs {
+                    for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+                        assert!((*a as f64 - b).abs() < 1e-5, "hd {hd}, {heads} heads, {seen} keys, value {i}: {a} vs {b}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
