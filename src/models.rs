@@ -59,6 +59,7 @@ pub(crate) fn raise(e: ModelError) -> ! {
         ModelError::Io { .. } => (PgSqlErrorCode::ERRCODE_IO_ERROR, None),
         ModelError::Tokenizer(_) | ModelError::Runtime(_) => (PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, None),
         ModelError::Invalid(_) => (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, None),
+        ModelError::Refused { hint, .. } => (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, Some(hint.clone())),
         ModelError::Setup { hint, .. } => (PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, Some(hint.clone())),
         ModelError::Unsuitable { hint, .. } => (PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, Some(hint.clone())),
         ModelError::WorkerDied(_) => (

@@ -128,6 +128,12 @@ def test_rag_bad_inputs(conn, docs):
     assert_clean_error(conn, f"SELECT * FROM rag_retrieve({q}, 'no_such_table')", "42P01", "does not exist")
     assert_clean_error(conn, f"SELECT rag_answer({q}, 'rag_docs', max_tokens => 100000)", "22023", "above the limit lorag.max_tokens")
     assert_clean_error(conn, "SELECT generate('hi', max_tokens => 0)", "22023", "at least 1")
+    # a prompt longer than the context: what to change, not only what is wrong
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("SELECT generate(repeat('why ', 9000), max_tokens => 16)")
+    assert err.value.sqlstate == "22023" and "does not fit the model's context" in str(err.value), err.value
+    assert "Shorten the prompt" in (err.value.diag.message_hint or ""), err.value.diag.message_hint
+    assert conn.execute("SELECT 1").fetchone()[0] == 1
     assert_clean_error(conn, "SELECT generate('   ')", "22023", "prompt is empty")
     assert_clean_error(conn, "SELECT generate('hi', temperature => -1)", "22023", "temperature")
     assert_clean_error(conn, "SELECT generate('hi', top_p => 0)", "22023", "top_p")

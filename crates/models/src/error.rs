@@ -20,6 +20,9 @@ pub enum ModelError {
     Runtime(String),
     /// A request the model cannot serve (e.g. bad arguments).
     Invalid(String),
+    /// A request the model cannot serve as asked, and what to change so that it can (e.g. a
+    /// prompt longer than the context).
+    Refused { detail: String, hint: String },
     /// The model process ended (crash, OOM kill) while it held this request.
     WorkerDied(String),
     /// Something the server needs is not set up (e.g. the ONNX Runtime library).
@@ -60,7 +63,7 @@ impl fmt::Display for ModelError {
             ModelError::Runtime(d) => write!(f, "model runtime failed: {d}"),
             ModelError::Invalid(d) => write!(f, "{d}"),
             ModelError::WorkerDied(d) => write!(f, "the lorag model process ended while running this request: {d}"),
-            ModelError::Setup { detail, .. } | ModelError::Unsuitable { detail, .. } => f.write_str(detail),
+            ModelError::Setup { detail, .. } | ModelError::Unsuitable { detail, .. } | ModelError::Refused { detail, .. } => f.write_str(detail),
         }
     }
 }

@@ -941,16 +941,24 @@ impl Generator {
         let started = Instant::now();
         let window = self.context_window();
         if req.max_tokens == 0 || req.max_tokens >= window {
-            return Err(ModelError::Invalid(format!("max_tokens must be between 1 and {} for this model", window - 1)));
+            return Err(ModelError::Refused {
+                detail: format!("max_tokens must be between 1 and {} for this model", window - 1),
+                hint: format!("The prompt and the answer share the model's context of {window} tokens."),
+            });
         }
         let budget = window - req.max_tokens;
         let bare = self.encode(&self.render(req.system.as_deref(), &user_turn(&req.prompt, &[]))?)?;
         if bare.len() > budget {
-            return Err(ModelError::Invalid(format!(
-                "the prompt has {} tokens; with max_tokens {} it does not fit the model's context of {window} tokens",
-                bare.len(),
-                req.max_tokens
-            )));
+            return Err(ModelError::Refused {
+                detail: format!(
+                    "the prompt has {} tokens; with max_tokens {} it does not fit the model's context of {window} tokens",
+                    bare.len(),
+                    req.max_tokens
+                ),
+                hint: format!(
+                    "Shorten the prompt (with the chat template it may have {budget} tokens at this max_tokens), or lower max_tokens. Long documents belong in a table, passed as context by rag_answer(), which cuts them to fit."
+                ),
+            });
         }
         // Keep passages in order while they fit; cut the one that crosses the budget.
         let mut kept: Vec<String> = Vec::new();
@@ -1290,7 +1298,7 @@ mod tests {
         assert!(s.context_tokens_cut > window / 2, "cut {}", s.context_tokens_cut);
         let mut huge = request(&"why ".repeat(window), 10);
         huge.context = vec!["The sky is blue.".into()];
-        assert!(matches!(g.start(&huge, None), Err(ModelError::Invalid(m)) if m.contains("does not fit")));
+        assert!(matches!(g.start(&huge, None), Err(ModelError::Refused { detail, hint }) if detail.contains("does not fit") && hint.contains("Shorten the prompt")));
         assert!(g.start(&request("hi", 0), None).is_err());
     }
 }
