@@ -413,15 +413,14 @@ impl Llama {
     fn attend_steps(&self, q: &Tensor, steps: &[(usize, Tensor, Tensor, usize)], outs: Vec<Option<Tensor>>) -> candle_core::Result<Tensor> {
         use rayon::prelude::*;
         let (_, heads, rows, hd) = q.dims4()?; // q: (1, heads, rows, hd), scaled
-        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let q = q.contiguous()?;
+        let q_storage = q.storage_and_layout();
+        let q = cpu_values(&q_storage)?;
         let (kv_heads, rep) = (self.kv_heads, self.heads / self.kv_heads);
         let guards: Vec<_> = steps.iter().map(|(_, k, v, _)| (k.storage_and_layout(), v.storage_and_layout())).collect();
         let mut caches = Vec::with_capacity(steps.len());
-        for (((ks, kl), (vs, vl)), (_, k, _, _)) in guards.iter().zip(steps) {
-            let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&**ks, &**vs) else {
-                candle_core::bail!("attend_steps: the cache is not on the CPU")
-            };
-            caches.push((&kc.as_slice::<f32>()?[kl.start_offset()..], &vc.as_slice::<f32>()?[vl.start_offset()..], k.dim(1)?));
+        for ((k, v), (_, kt, _, _)) in guards.iter().zip(steps) {
+            caches.push((cpu_values(k)?, cpu_values(v)?, kt.dim(1)?));
         }
         let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
         let mut out = vec![0f32; steps.len() * heads * hd];
@@ -598,9 +597,8 @@ fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
         candle_core::bail!("few_rows_matmul: {m}×{k} times ({n}×{wk})ᵀ");
     }
     let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let (guard, layout) = weight.storage_and_layout();
-    let candle_core::Storage::Cpu(storage) = &*guard else { candle_core::bail!("few_rows_matmul: weight not on the CPU") };
-    let w = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * k];
+    let storage = weight.storage_and_layout();
+    let w = &cpu_values(&storage)?[..n * k];
     let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
     by_weight_rows(m, n, x.device(), |o, out| {
         let row = &w[o * k..(o + 1) * k];
@@ -611,6 +609,13 @@ fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
             row_dots(&xs, row, out)
         }
     })
+}
+
+/// The F32 values of a tensor on the CPU from its first element on, read in place (without the
+/// copy `to_vec1` makes), from what `storage_and_layout` returned; the caller knows the layout.
+fn cpu_values<'a>((storage, layout): &'a (std::sync::RwLockReadGuard<'_, candle_core::Storage>, &candle_core::Layout)) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(values) = &**storage else { candle_core::bail!("a tensor read in place is not on the CPU") };
+    Ok(&values.as_slice::<f32>()?[layout.start_offset()..])
 }
 
 /// The (m × n) product whose column `o` `dots(o, out)` computes (the m rows of x times weight

@@ -32,8 +32,9 @@ const Q8_BLOCK: usize = 32;
 /// Output rows interleaved in the `Interleaved` layout: the i32 lanes of one 512-bit register.
 const LANES: usize = 16;
 
-/// Groups of [`LANES`] output rows one task of the interleaved product computes (256 rows, as
-/// [`by_weight_rows`] gives a task).
+/// The most groups of [`LANES`] output rows one task of the interleaved product computes (256
+/// rows, as [`by_weight_rows`] gives a task); smaller matrices get fewer, so that each thread has
+/// about 4 tasks.
 const GROUPS_PER_TASK: usize = 16;
 
 /// A weight matrix (rows × cols) in 8-bit blocks: a quarter of F32's bytes.
@@ -219,9 +220,9 @@ impl Q8Matrix {
     /// `Interleaved`: the rows of `xs` rounded to 16 bits ([`RoundedRows`]), 16 outputs and up
     /// to [`FEW_ROWS`] rows per kernel call. A task takes a few groups of outputs and runs all
     /// rows through each group in turn, so with many rows (a prompt) a group's weights are read
-    /// from memory once and then from the cache. A decoding step gives a task 16 groups (256
-    /// outputs, as [`by_weight_rows`] does); a prompt, fewer, so that even a 192-row product
-    /// keeps every core busy.
+    /// from memory once and then from the cache. Tasks are sized by the matrix, up to
+    /// [`GROUPS_PER_TASK`] groups, so that even a 192-row product keeps every core busy (k and v
+    /// were one task of a decoding step when it took 16 groups regardless).
     fn interleaved_matmul(&self, xs: &[f32], m: usize, device: &Device) -> candle_core::Result<Tensor> {
         use rayon::prelude::*;
         assert!(vnni(), "the interleaved layout is made only where AVX512-VNNI runs");
@@ -289,8 +290,8 @@ impl RoundedRows {
     }
 
     /// Rounds `xs` block by block (scale = largest magnitude / [`HALF_MAX`], half away from
-    /// zero). Written so that it vectorizes (inlined into [`avx512::round`]); NaN or infinite activations
-    /// give NaN outputs, never undefined behaviour.
+    /// zero). Written so that it vectorizes (inlined into [`avx512::round`]); NaN or infinite
+    /// activations give NaN outputs, never undefined behaviour.
     #[inline(always)]
     fn round(&mut self, xs: &[f32]) {
         let blocks = xs.chunks_exact(Q8_BLOCK).zip(self.high.chunks_exact_mut(Q8_BLOCK)).zip(self.low.chunks_exact_mut(Q8_BLOCK));
