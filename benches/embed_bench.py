@@ -41,7 +41,10 @@ def onnx_model():
     return dest
 
 
-def ort_embedder(model=None, batch=32):
+def ort_embedder(model=None, batch=32, threads=None):
+    """An embedding function on Python onnxruntime: `batch` texts per run, `threads` intra-op
+    threads (all cores by default; with fewer, the session's run may be called from several
+    threads at once)."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
@@ -49,7 +52,7 @@ def ort_embedder(model=None, batch=32):
     tok.no_padding()
     tok.enable_truncation(256)
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = os.cpu_count()
+    opts.intra_op_num_threads = threads or os.cpu_count()
     sess = ort.InferenceSession(str(model or onnx_model()), opts, providers=["CPUExecutionProvider"])
 
     def embed(texts):
@@ -157,10 +160,37 @@ def main():
     # 8 connections vs 1, on a slice of the corpus: the default runtime, then candle
     sample = texts[:400]
     for runtime in ("auto", "candle"):
-        connections(sample, runtime, memory=runtime == "auto")
+        one = connections(sample, runtime, memory=runtime == "auto")
+        if runtime == "auto" and export.exists():
+            engine_bound(export, sample, one)
+
+
+def engine_bound(export, sample, one):
+    """What the engine itself does on these cores, without SQL or worker: lorag's F32 export on
+    Python onnxruntime, one text per run, a run on all cores after the other, and one
+    single-threaded run per core side by side (one session, called from as many threads). No
+    batching of requests from 8 connections can beat the better of the two; over one
+    connection's throughput it bounds the 8-connection ratio on this machine."""
+    cores = os.cpu_count()
+    serial = ort_embedder(export, batch=1)
+    serial(sample[:8])
+    t = time.perf_counter()
+    serial(sample)
+    serial_rate = len(sample) / (time.perf_counter() - t)
+    single = ort_embedder(export, batch=1, threads=1)
+    single(sample[:8])
+    t = time.perf_counter()
+    with cf.ThreadPoolExecutor(cores) as ex:
+        list(ex.map(single, [sample[i::cores] for i in range(cores)]))
+    side_rate = len(sample) / (time.perf_counter() - t)
+    best = max(serial_rate, side_rate)
+    print(f"engine alone (python onnxruntime, lorag's F32 export, one text per run): runs on all {cores} cores one after another "
+          f"{serial_rate:6.1f} docs/s, {cores} single-core runs side by side {side_rate:6.1f} docs/s; "
+          f"bound on the 8-connection ratio here: {best / one:.2f}x")
 
 
 def connections(sample, runtime, memory):
+    """Throughput of 8 connections against one (printed); returns one connection's."""
     dsn = DSN + f" options='-c lorag.embedding_runtime={runtime}'"
 
     def run(part, hold=None):
@@ -205,6 +235,7 @@ def connections(sample, runtime, memory):
         print(f"server memory (PSS of all server processes): 1 connection {pss1 / 1e6:.0f} MB, 8 connections {pss8 / 1e6:.0f} MB, "
               f"growth {(pss8 - pss1) / 1e6:.0f} MB (" + ", ".join(f"{k} {(kinds8.get(k, 0) - kinds1.get(k, 0)) / 1e6:+.0f} MB" for k in sorted(kinds8)) + ")")
         print(f"first embed() of a new connection: {np.median(firsts) * 1000:.1f} ms (median of 8)")
+    return one
 
 
 if __name__ == "__main__":

@@ -265,7 +265,9 @@ impl StorageMut for PageStorage {
 }
 
 /// Asks the CPU to fetch item `offset` of a pinned page (read without a lock: a prefetch is only
-/// a hint and cannot fault, and items of this index never move).
+/// a hint and cannot fault, and items of this index never move). Only on x86_64, as
+/// [`super::buffers`]' prefetch.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn prefetch_item(page: pg_sys::Page, offset: pg_sys::OffsetNumber, len: usize) {
     #[cfg(target_arch = "x86_64")]
     // Safety: the page is pinned, so its memory is valid; offsets are range-checked.

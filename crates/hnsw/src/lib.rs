@@ -73,7 +73,9 @@ impl Metric {
 }
 
 /// Asks the CPU to bring the start of a vector into cache (a hint: it cannot fault); the
-/// hardware prefetcher streams the rest once the first lines arrive.
+/// hardware prefetcher streams the rest once the first lines arrive. Elsewhere than x86_64 it
+/// does nothing (stable Rust has no prefetch there).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub fn prefetch_slice(v: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     for line in (0..v.len().min(64)).step_by(16) {

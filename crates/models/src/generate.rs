@@ -422,7 +422,6 @@ impl Llama {
         for ((k, v), (_, kt, _, _)) in guards.iter().zip(steps) {
             caches.push((cpu_values(k)?, cpu_values(v)?, kt.dim(1)?));
         }
-        let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
         let mut out = vec![0f32; steps.len() * heads * hd];
         let task = |(task, out): (usize, &mut [f32])| {
             let (s, g) = (task / kv_heads, task % kv_heads);
@@ -432,12 +431,12 @@ impl Llama {
             let (keys, values) = (&keys[at..at + seen * hd], &values[at..at + seen * hd]);
             // the rep query heads of key/value head g, one after another
             let queries: Vec<f32> = (g * rep..(g + 1) * rep).flat_map(|h| &q[(h * rows + row) * hd..(h * rows + row + 1) * hd]).copied().collect();
-            if avx512 {
-                // Safety: the CPU has AVX-512F and FMA (checked above).
-                unsafe { avx512::attend(&queries, keys, values, hd, out) }
-            } else {
-                attend(&queries, keys, values, hd, out)
+            #[cfg(target_arch = "x86_64")]
+            if avx512::available() {
+                // Safety: the CPU has AVX-512F and FMA (just checked).
+                return unsafe { avx512::attend(&queries, keys, values, hd, out) };
             }
+            attend(&queries, keys, values, hd, out)
         };
         // Short contexts on this thread: waking the pool costs more than their attention.
         let products: usize = steps.iter().map(|s| s.3).sum::<usize>() * heads * hd;
@@ -536,12 +535,13 @@ fn gated(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     }
     let (g, u) = (gate.flatten_all()?.to_vec1::<f32>()?, up.flatten_all()?.to_vec1::<f32>()?);
     let mut out = vec![0f32; g.len()];
-    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
-        // Safety: the CPU has AVX-512F and FMA (checked above).
-        unsafe { avx512::silu_mul(&g, &u, &mut out) }
-    } else {
-        silu_mul(&g, &u, &mut out)
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // Safety: the CPU has AVX-512F and FMA (just checked).
+        unsafe { avx512::silu_mul(&g, &u, &mut out) };
+        return Tensor::from_vec(out, gate.shape(), gate.device());
     }
+    silu_mul(&g, &u, &mut out);
     Tensor::from_vec(out, gate.shape(), gate.device())
 }
 
@@ -599,15 +599,14 @@ fn few_rows_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let storage = weight.storage_and_layout();
     let w = &cpu_values(&storage)?[..n * k];
-    let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
     by_weight_rows(m, n, x.device(), |o, out| {
         let row = &w[o * k..(o + 1) * k];
-        if avx512 {
-            // Safety: the CPU has AVX-512F and FMA (checked above).
-            unsafe { avx512::f32_rows(&xs, row, out) }
-        } else {
-            row_dots(&xs, row, out)
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            // Safety: the CPU has AVX-512F and FMA (just checked).
+            return unsafe { avx512::f32_rows(&xs, row, out) };
         }
+        row_dots(&xs, row, out)
     })
 }
 
@@ -681,6 +680,12 @@ pub(crate) fn accumulate(acc: &mut [[f32; 16]; FEW_ROWS], rows: usize, xs: &[f32
 pub(crate) mod avx512 {
     use super::FEW_ROWS;
     use std::arch::x86_64::*;
+
+    /// Whether this CPU has what the kernels below need (AVX-512F and FMA); std caches the
+    /// answer, so asking costs one load.
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
+    }
 
     /// Calls `$kernel::<R>` for the run-time row count `$rows` (1..=FEW_ROWS).
     macro_rules! for_rows {
@@ -1386,7 +1391,6 @@ mod tests {
     /// one they leave to the plain loops, from one key to several hundred.
     #[test]
     fn step_attention_matches_its_definition() {
-        let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
         let value = |i: usize, salt: usize| ((i * 7919 + salt * 104729) % 2001) as f32 / 1000.0 - 1.0;
         for hd in [32, 48, 64, 128] {
             for (heads, seen) in [(1, 1), (3, 2), (3, 37), (2, 300)] {
@@ -1406,10 +1410,12 @@ mod tests {
                 }
                 let mut plain = vec![0f32; heads * hd];
                 attend(&queries, &keys, &values, hd, &mut plain);
+                #[allow(unused_mut)] // off x86_64 only the plain loops run
                 let mut outs = vec![plain];
-                if avx512 {
+                #[cfg(target_arch = "x86_64")]
+                if avx512::available() {
                     let mut fast = vec![0f32; heads * hd];
-                    // Safety: the CPU has AVX-512F and FMA (checked above).
+                    // Safety: the CPU has AVX-512F and FMA (just checked).
                     unsafe { avx512::attend(&queries, &keys, &values, hd, &mut fast) };
                     outs.push(fast);
                 }
@@ -1424,9 +1430,10 @@ mod tests {
 
     /// The AVX-512 e^x stays within 2 ulp of f32::exp from −104 to 88.7 (0 and the largest
     /// finite value beyond), and the MLP's activation by hand equals candle's silu times up.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_exp_and_activation_match_libm_and_candle() {
-        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")) {
+        if !avx512::available() {
             eprintln!("no AVX-512 here: skipping");
             return;
         }

@@ -205,15 +205,14 @@ impl Q8Matrix {
     /// `Rows`: each block widened to f32 once and multiplied into every row of `xs`.
     fn widened_matmul(&self, xs: &[f32], m: usize, device: &Device) -> candle_core::Result<Tensor> {
         let (k, blocks) = (self.cols, self.cols / Q8_BLOCK);
-        let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma");
         by_weight_rows(m, self.rows, device, |o, out| {
             let (values, scales) = (&self.values[o * k..(o + 1) * k], &self.scales[o * blocks..(o + 1) * blocks]);
-            if avx512 {
-                // Safety: the CPU has AVX-512F and FMA (checked above).
-                unsafe { avx512::widened_rows(xs, values, scales, out) }
-            } else {
-                widened_dots(xs, values, scales, out)
+            #[cfg(target_arch = "x86_64")]
+            if crate::generate::avx512::available() {
+                // Safety: the CPU has AVX-512F and FMA (just checked).
+                return unsafe { avx512::widened_rows(xs, values, scales, out) };
             }
+            widened_dots(xs, values, scales, out)
         })
     }
 
@@ -242,7 +241,11 @@ impl Q8Matrix {
                 let scales = &self.scales[g * blocks * LANES..(g + 1) * blocks * LANES];
                 for (act, out) in chunks.iter().zip(out.chunks_mut(FEW_ROWS * LANES)) {
                     // Safety: the CPU has AVX-512F and AVX512-VNNI (asserted above).
-                    unsafe { avx512::interleaved_rows(act, values, scales, out) }
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe { avx512::interleaved_rows(act, values, scales, out) };
+                    // never reached off x86_64 (the assertion), but it computes the same
+                    #[cfg(not(target_arch = "x86_64"))]
+                    interleaved_dots(act, values, scales, out);
                 }
             }
         });
@@ -280,12 +283,13 @@ impl RoundedRows {
     fn new(xs: &[f32], k: usize) -> RoundedRows {
         let blocks = xs.len() / Q8_BLOCK;
         let mut act = RoundedRows { k, high: vec![0; xs.len()], low: vec![0; xs.len()], scales: vec![0.0; blocks], surplus: vec![0; blocks] };
+        #[cfg(target_arch = "x86_64")]
         if vnni() {
             // Safety: the CPU has AVX-512F and AVX-512BW (vnni() checked them).
-            unsafe { avx512::round(&mut act, xs) }
-        } else {
-            act.round(xs)
+            unsafe { avx512::round(&mut act, xs) };
+            return act;
         }
+        act.round(xs);
         act
     }
 
@@ -337,7 +341,7 @@ fn widened_dots(xs: &[f32], values: &[i8], scales: &[f32], out: &mut [f32]) {
 
 /// What [`avx512::interleaved_rows`] computes, one lane at a time in the same order (so the
 /// results are equal bit for bit): the reference its test checks it against.
-#[cfg(test)]
+#[cfg(any(test, not(target_arch = "x86_64")))]
 fn interleaved_dots(act: &RoundedRows, values: &[i8], scales: &[f32], out: &mut [f32]) {
     let (k, blocks) = (act.k, act.k / Q8_BLOCK);
     for r in 0..act.rows() {
@@ -519,6 +523,7 @@ mod tests {
 
     /// The VNNI kernel equals its scalar description bit for bit, for every row count, and a
     /// row's outputs do not depend on the other rows.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn interleaved_kernel_equals_its_reference() {
         if !vnni() {
