@@ -85,8 +85,11 @@ pub fn session(path: &Path, bytes: &[u8], device: &str, library: &str) -> Result
                     detail: format!("device cuda:{n} is not usable by ONNX Runtime: {e}"),
                     hint: "Check the CUDA libraries onnxruntime-gpu needs, or set lorag.device to auto or cpu.".into(),
                 })?,
+            // ort's CPU provider turns ONNX Runtime's arena off unless asked: every run would
+            // then malloc and free (and, for the larger activations, mmap and fault in) each
+            // intermediate tensor. ONNX Runtime's own default, and Python's, is the arena.
             None => builder
-                .with_execution_providers([ort::ep::CPU::default().build().error_on_failure()])
+                .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(true).build().error_on_failure()])
                 .map_err(|e| ModelError::Runtime(e.to_string()))?,
         };
         // Inputs change shape with every batch (texts x tokens): ONNX Runtime's memory patterns

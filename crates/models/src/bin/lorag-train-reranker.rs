@@ -60,7 +60,23 @@ fn ndcg10(ranked: &[&str], rel: &HashMap<String, f32>) -> f64 {
     if idcg > 0.0 { dcg / idcg } else { 0.0 }
 }
 
+/// Keeps freed activations in the heap for the next step. glibc's defaults hand every block over
+/// its mmap threshold (a few MB, which most of a batch's activations are) back to the kernel when
+/// freed, and the next step maps it again and faults its pages in: profiled, page faults and
+/// munmap took a quarter of the training's time. Measured on this machine's 2 cores: 6.1 s a
+/// step with the defaults, 3.8 s with these (the whole training from 51 to 32 minutes).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // Safety: mallopt only sets allocator parameters; it is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc's largest: every activation of a step
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str, default: usize| -> usize {
         args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default, |v| v.parse().expect("a number"))
