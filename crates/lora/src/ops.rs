@@ -1,8 +1,9 @@
-//! Differentiable versions of the fused operations a LLaMA layer needs. candle's fused RMS norm,
-//! softmax and rotary embedding run on all cores but have no gradient; their compositions from
-//! elementwise operations have one but run on one core, many passes each. These run the fused
-//! forward and give the gradient in a few fused or matrix operations. Cross-entropy is fused
-//! both ways (one pass over the logits per row, rows in parallel).
+//! Differentiable versions of the fused operations a LLaMA layer needs (and a BERT layer, for the
+//! cross-encoder's training). candle's fused RMS norm, layer norm, softmax and rotary embedding
+//! run on all cores but have no gradient; their compositions from elementwise operations have one
+//! but run on one core, many passes each. These run the fused forward and give the gradient in a
+//! few fused or matrix operations. Cross-entropy and GELU are fused both ways (one pass, on all
+//! cores).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -113,6 +114,59 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// GELU with the exact erf (BERT's `gelu`), both ways one pass over the elements on all cores:
+/// candle's `gelu_erf` runs on one core, and its gradient is a dozen passes, erf among them.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return x.gelu_erf();
+    }
+    x.contiguous()?.apply_op1(GeluErf)
+}
+
+struct GeluErf;
+
+/// Elements per task: enough that a task outweighs its scheduling.
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+/// `f` of every element of `xs` (with the same element of `gs`, when given), on all cores.
+fn map_elements(xs: &[f32], gs: Option<&[f32]>, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(ELEMENTS_PER_TASK).enumerate().for_each(|(i, o)| {
+        let at = i * ELEMENTS_PER_TASK;
+        let x = &xs[at..at + o.len()];
+        match gs {
+            Some(gs) => o.iter_mut().zip(x).zip(&gs[at..]).for_each(|((o, &x), &g)| *o = f(x, g)),
+            None => o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x, 0.0)),
+        }
+    });
+    out
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("needs a contiguous input") };
+        let x = &s.as_slice::<f32>()?[start..end];
+        // candle's own formula and erf, so that the values are candle's to the bit
+        let y = map_elements(x, None, |x, _| (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
+        let x = arg.detach().flatten_all()?.to_vec1::<f32>()?;
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        // d/dx x·Φ(x) = Φ(x) + x·φ(x), φ(x) = e^(−x²/2) / √(2π)
+        let density = 0.5 * FRAC_1_SQRT_2 * FRAC_2_SQRT_PI;
+        let dx = map_elements(&x, Some(&g), |x, g| {
+            let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * FRAC_1_SQRT_2));
+            g * (cdf + x * density * (-0.5 * x * x).exp())
+        });
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
 struct CrossEntropy {
     targets: Vec<u32>,
 }
@@ -197,6 +251,7 @@ mod tests {
             (Box::new(|x| rms_norm(x, &w, 1e-5).unwrap()), Box::new(|x| candle_nn::ops::rms_norm_slow(x, &w, 1e-5).unwrap())),
             (Box::new(|x| softmax(x).unwrap()), Box::new(|x| candle_nn::ops::softmax(x, D::Minus1).unwrap())),
             (Box::new(|x| rope(x, &cos, &sin).unwrap()), Box::new(|x| candle_nn::rotary_emb::rope_slow(x, &cos, &sin).unwrap())),
+            (Box::new(|x| gelu_erf(x).unwrap()), Box::new(|x| x.gelu_erf().unwrap())),
             (Box::new(|x| normalize(x, 1e-5).unwrap()), Box::new(|x| {
                 let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap()).unwrap();
                 xc.broadcast_div(&(xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap()).unwrap()

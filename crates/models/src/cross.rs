@@ -247,7 +247,7 @@ impl CrossEncoder {
             let ctx = p.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, s, h))?;
             let a = linear(&ctx, &w(6), &w(7))?;
             x = layer_norm(&(x + a)?, &w(8), &w(9), c.layer_norm_eps)?;
-            let f = linear(&linear(&x, &w(10), &w(11))?.gelu_erf()?, &w(12), &w(13))?;
+            let f = linear(&lorag_lora::ops::gelu_erf(&linear(&x, &w(10), &w(11))?)?, &w(12), &w(13))?;
             x = layer_norm(&(x + f)?, &w(14), &w(15), c.layer_norm_eps)?;
         }
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
