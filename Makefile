@@ -13,7 +13,9 @@ PGRX_TEST_DATA := $(CURDIR)/target/pgrx-test-pgdata
 demo: setup models install start
 	$(PGENV) && $(PG) psql -f examples/demo.sql
 
-test: setup models unit pgtest install-debug start sqltest
+# the models, then unit and #[pg_test]s beside the default reranker's training, then SQL-level
+test: setup
+	scripts/test.sh
 
 setup:
 	scripts/setup.sh

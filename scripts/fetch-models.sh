@@ -147,7 +147,9 @@ export_embedder() {
 # The default reranker: no cross-encoder ships in any registry package, so lorag trains its own
 # (lorag-train-reranker, Rust): the MiniLM encoder fine-tuned as a cross-encoder on Cranfield
 # queries 1-150 (../shared/data), exported to ONNX; it prints nDCG@10 on queries 151-225.
+# LORAG_TRAIN_RERANKER=no leaves it for later (scripts/test.sh trains it beside the unit tests).
 train_reranker() {
+    [ "${LORAG_TRAIN_RERANKER:-yes}" != no ] || return 0
     local dest="$DIR/minilm-reranker"
     local data="${LORAG_DATA_DIR:-$ROOT/../shared/data}/cranfield/beir"
     if [ -f "$dest/model.onnx" ] && [ -f "$dest/.complete" ]; then
