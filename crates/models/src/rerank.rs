@@ -110,9 +110,7 @@ impl Reranker {
         // take a second to tokenize, which statement_timeout should not have to wait for
         let mut encodings = Vec::with_capacity(documents.len());
         for slice in documents.chunks(TOKENIZE_PAIRS) {
-            if cancelled() {
-                return Err(ModelError::Invalid("cancelled".into()));
-            }
+            stop_if(cancelled)?;
             let pairs: Vec<(String, String)> = slice.iter().map(|d| (query.to_string(), d.to_string())).collect();
             encodings.extend(self.tokenizer.encode_batch(pairs, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?);
         }
@@ -130,9 +128,7 @@ impl Reranker {
                 }
                 end += 1;
             }
-            if cancelled() {
-                return Err(ModelError::Invalid("cancelled".into()));
-            }
+            stop_if(cancelled)?;
             let batch: Vec<&tokenizers::Encoding> = order[start..end].iter().map(|&i| &encodings[i]).collect();
             for (&i, s) in order[start..end].iter().zip(self.run(&batch, cancelled)?) {
                 scores[i] = s;
@@ -177,6 +173,14 @@ impl Reranker {
         }
         result
     }
+}
+
+/// Ends a scoring with "cancelled" once `cancelled` says so.
+fn stop_if(cancelled: &(dyn Fn() -> bool + Sync)) -> Result<(), ModelError> {
+    if cancelled() {
+        return Err(ModelError::Invalid("cancelled".into()));
+    }
+    Ok(())
 }
 
 type Key = (PathBuf, Option<String>, String);

@@ -63,8 +63,8 @@ fn ndcg10(ranked: &[&str], rel: &HashMap<String, f32>) -> f64 {
 /// Keeps freed activations in the heap for the next step. glibc's defaults hand every block over
 /// its mmap threshold (a few MB, which most of a batch's activations are) back to the kernel when
 /// freed, and the next step maps it again and faults its pages in: profiled, page faults and
-/// munmap took a quarter of the training's time. Measured on this machine's 2 cores: 6.1 s a
-/// step with the defaults, 3.8 s with these (the whole training from 51 to 32 minutes).
+/// munmap took a quarter of the training's time. Measured on one 2-core machine, same command:
+/// 6.1 s a step with the defaults, 3.8 s with these.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // Safety: mallopt only sets allocator parameters; it is called before any other thread exists.
