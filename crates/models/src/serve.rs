@@ -63,6 +63,9 @@ fn peer_closed(fd: RawFd) -> bool {
     n > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
 }
 
+/// How long the scheduler waits idle before it hands freed memory back to the OS.
+const TRIM_AFTER: Duration = Duration::from_millis(500);
+
 /// Streams decoded together in one step, at most.
 const MAX_STREAMS: usize = 16;
 
@@ -249,10 +252,17 @@ impl Shared {
         let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let idle = |q: &Queue| !busy && q.embed.is_empty() && q.generate.is_empty() && q.closed.is_empty() && q.loads.is_empty();
         if idle(&q) {
-            // Nothing to do: hand the freed activations back to the OS, so the process's
-            // memory is the models plus what the current work needs, not its past peak.
-            // Safety: plain libc call, no invariants.
-            unsafe { libc::malloc_trim(0) };
+            // A connection that embeds one row at a time leaves the queue empty between its
+            // requests for well under TRIM_AFTER: trimming then would hand the heap back after
+            // every request, and the next one would fault it in again.
+            let (woken, timeout) = self.ready.wait_timeout_while(q, TRIM_AFTER, |q| idle(q)).unwrap_or_else(|p| p.into_inner());
+            q = woken;
+            if timeout.timed_out() {
+                // Idle a while: hand the freed activations back to the OS, so the process's
+                // memory is the models plus what the current work needs, not its past peak.
+                // Safety: plain libc call, no invariants.
+                unsafe { libc::malloc_trim(0) };
+            }
         }
         while idle(&q) {
             q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
