@@ -6,10 +6,12 @@
 
 use crate::device::DeviceChoice;
 use crate::ModelError;
+use ort::session::builder::PrepackedWeights;
 use ort::session::{Session, SessionInputValue};
-use ort::value::Tensor;
+use ort::value::{DynValue, Tensor};
+use prost::Message;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The library this process loaded ONNX Runtime from (it cannot be unloaded or swapped), and
 /// its environment.
@@ -61,6 +63,64 @@ fn has_cuda() -> bool {
 /// A session on `bytes` (the ONNX file `path`) on the device `device` (auto | cpu | cuda:N)
 /// allows, and the execution provider that really runs it.
 pub fn session(path: &Path, bytes: &[u8], device: &str, library: &str) -> Result<(Session, String), ModelError> {
+    session_with(path, bytes, device, library, None, None)
+}
+
+/// The initializers of one model, held once and handed to each of its sessions (ONNX Runtime
+/// then uses them in place instead of reading its own copy from the file), and one container
+/// for the forms its kernels pre-pack them into (the matrix products' weights), so that several
+/// sessions of one model cost about what one does.
+pub struct SharedWeights {
+    initializers: Vec<(String, Arc<DynValue>)>,
+    prepacked: PrepackedWeights,
+}
+
+impl SharedWeights {
+    /// The initializers of the model `onnx` stored as raw float32 or int64 data (as lorag's own
+    /// exports and Hugging Face's are); `None` when the file does not read that way, and its
+    /// sessions then load their own copies. ONNX Runtime must be loaded ([`runs_on_cpu`]).
+    pub fn from_model(onnx: &[u8]) -> Option<SharedWeights> {
+        let graph = crate::onnx::ModelProto::decode(onnx).ok()?.graph?;
+        let mut initializers = Vec::with_capacity(graph.initializer.len());
+        for t in graph.initializer {
+            let elements: i64 = t.dims.iter().product();
+            let value = match t.data_type {
+                FLOAT if t.raw_data.len() as i64 == elements * 4 => {
+                    let data: Vec<f32> = t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                    Tensor::from_array((t.dims, data)).ok()?.into_dyn()
+                }
+                INT64 if t.raw_data.len() as i64 == elements * 8 => {
+                    let data: Vec<i64> = t.raw_data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+                    Tensor::from_array((t.dims, data)).ok()?.into_dyn()
+                }
+                // kept in the file: every session reads its own copy of these
+                _ => continue,
+            };
+            initializers.push((t.name, Arc::new(value)));
+        }
+        Some(SharedWeights { initializers, prepacked: PrepackedWeights::new() })
+    }
+}
+
+/// ONNX's element types, as `TensorProto.data_type` gives them.
+const FLOAT: i32 = 1;
+const INT64: i32 = 7;
+
+/// Loads ONNX Runtime from `library` (once per process) and says whether sessions on `device`
+/// run on the CPU.
+pub fn runs_on_cpu(device: &str, library: &str) -> Result<bool, ModelError> {
+    let choice = DeviceChoice::parse(device)?;
+    load_runtime(library)?;
+    Ok(match choice {
+        DeviceChoice::Cpu => true,
+        DeviceChoice::Auto => !has_cuda(),
+        DeviceChoice::Cuda(_) => false,
+    })
+}
+
+/// [`session`], with `threads` threads per run (ONNX Runtime's default: one per core) and the
+/// model's initializers taken from `shared` (the CPU only).
+pub fn session_with(path: &Path, bytes: &[u8], device: &str, library: &str, threads: Option<usize>, shared: Option<&SharedWeights>) -> Result<(Session, String), ModelError> {
     let choice = DeviceChoice::parse(device)?;
     let env = load_runtime(library)?;
     let cuda = match choice {
@@ -95,6 +155,15 @@ pub fn session(path: &Path, bytes: &[u8], device: &str, library: &str) -> Result
         // Inputs change shape with every batch (texts x tokens): ONNX Runtime's memory patterns
         // would keep an allocation plan per shape seen, growing the model process for nothing.
         let mut builder = builder.with_memory_pattern(false).map_err(|e| ModelError::Runtime(e.to_string()))?;
+        if let Some(n) = threads {
+            builder = builder.with_intra_threads(n).map_err(|e| ModelError::Runtime(e.to_string()))?;
+        }
+        if let (Some(shared), None) = (shared, cuda) {
+            builder = builder.with_prepacked_weights(&shared.prepacked).map_err(|e| ModelError::Runtime(e.to_string()))?;
+            for (name, value) in &shared.initializers {
+                builder = builder.with_initializer(name, value.clone()).map_err(|e| ModelError::Runtime(e.to_string()))?;
+            }
+        }
         builder.commit_from_memory(bytes).map_err(|e| ModelError::corrupt(path, e))
     };
     Ok(match (choice, cuda) {
