@@ -51,9 +51,6 @@ struct Lanes {
 /// once every lane has several cores.
 const MAX_LANES: usize = 4;
 
-/// Texts per lane a pass needs before it runs on the lanes.
-const LANE_TEXTS: usize = 4;
-
 /// Lanes and threads per lane for ONNX Runtime on the CPU: one lane per core up to
 /// [`MAX_LANES`], the cores split evenly; no lanes on one core.
 fn lanes() -> (usize, usize) {
@@ -225,10 +222,12 @@ impl Embedder {
         let groups = length_groups(&encodings.iter().map(|e| e.get_ids().len()).collect::<Vec<_>>());
         if let Backend::Onnx { session, lanes, token_types, output } = &self.backend {
             let mut vectors = vec![Vec::new(); texts.len()];
-            // Lanes for passes of at least LANE_TEXTS texts per lane: a short pass splits
-            // unevenly (3 texts on 2 lanes leave one idle for half the pass), and measured with
-            // 8 connections (passes of about 4 texts) lanes bought nothing over runs on all cores.
-            let Some(threads) = lanes.threads.as_ref().filter(|_| texts.len() >= LANE_TEXTS * lanes.sessions.len()) else {
+            // Lanes for every pass of several texts. Passes of about 4 texts (8 connections,
+            // one text each) gain no throughput on 2 lanes (one lane idles at the end of an odd
+            // pass), but on the all-core session their padded runs would grow its arena, which
+            // ONNX Runtime keeps, to the largest pass seen: measured, the model process grew 62 MB
+            // in its first 8-connection run that way, 11 MB with every such pass on the lanes.
+            let Some(threads) = lanes.threads.as_ref().filter(|_| texts.len() > 1) else {
                 // one run on all cores after the other
                 for group in &groups {
                     let batch: Vec<&tokenizers::Encoding> = group.iter().map(|&i| &encodings[i]).collect();
@@ -420,11 +419,11 @@ mod tests {
         assert_eq!(onnx.runtime, "onnxruntime CPUExecutionProvider");
         let Backend::Onnx { lanes: ref onnx_lanes, .. } = onnx.backend else { panic!("not on ONNX Runtime") };
         assert_eq!(onnx_lanes.sessions.len(), lanes().0, "one lane per core (up to {MAX_LANES}) on a machine with several");
-        let together = onnx.embed(&texts.repeat(LANE_TEXTS * MAX_LANES)).unwrap();
+        let together = onnx.embed(&texts).unwrap();
         for ((a, b), text) in candle.embed(&texts).unwrap().iter().zip(&together).zip(texts) {
             let cosine: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
             assert!(cosine >= 0.9999, "cosine {cosine}");
-            // the lanes (a pass of many texts) compute what a run on all cores does (one text)
+            // the lanes (several texts) compute what a run on all cores does (one text)
             let alone = onnx.embed(&[text]).unwrap().pop().unwrap();
             let cosine: f32 = alone.iter().zip(b).map(|(x, y)| x * y).sum();
             assert!(cosine >= 0.99999, "\"{text}\" alone and among others: cosine {cosine}");
