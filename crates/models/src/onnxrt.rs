@@ -83,13 +83,14 @@ impl SharedWeights {
         let graph = crate::onnx::ModelProto::decode(onnx).ok()?.graph?;
         let mut initializers = Vec::with_capacity(graph.initializer.len());
         for t in graph.initializer {
-            let elements: i64 = t.dims.iter().product();
+            // the size the dimensions give, checked: a damaged file may give any numbers
+            let bytes = |width: usize| t.dims.iter().try_fold(width, |n, &d| usize::try_from(d).ok().and_then(|d| n.checked_mul(d)));
             let value = match t.data_type {
-                FLOAT if t.raw_data.len() as i64 == elements * 4 => {
+                FLOAT if bytes(4) == Some(t.raw_data.len()) => {
                     let data: Vec<f32> = t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
                     Tensor::from_array((t.dims, data)).ok()?.into_dyn()
                 }
-                INT64 if t.raw_data.len() as i64 == elements * 8 => {
+                INT64 if bytes(8) == Some(t.raw_data.len()) => {
                     let data: Vec<i64> = t.raw_data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
                     Tensor::from_array((t.dims, data)).ok()?.into_dyn()
                 }
