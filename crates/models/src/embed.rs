@@ -16,7 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tokenizers::{Tokenizer, TruncationParams};
 
 /// Tokens per input the embedder sees (all-MiniLM-L6-v2's max_seq_length); longer text is
@@ -243,10 +244,10 @@ impl Embedder {
             // longest text left, so that the lanes finish close together
             let mut order: Vec<usize> = (0..texts.len()).collect();
             order.sort_by_key(|&i| std::cmp::Reverse(encodings[i].get_ids().len()));
-            let next = std::sync::atomic::AtomicUsize::new(0);
+            let next = AtomicUsize::new(0);
             let lane = |session: &Mutex<ort::session::Session>| -> Result<Vec<(usize, Vec<f32>)>, ModelError> {
                 let mut out = Vec::new();
-                while let Some(&i) = order.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
                     out.extend(self.forward_onnx(&[&encodings[i]], session, *token_types, *output)?.into_iter().map(|v| (i, v)));
                 }
                 Ok(out)
@@ -337,9 +338,49 @@ impl Embedder {
             .collect())
     }
 
+    /// Whether this embedder has lanes ([`crate::engine::Lanes`]).
+    pub fn has_lanes(&self) -> bool {
+        matches!(&self.backend, Backend::Onnx { lanes, .. } if lanes.threads.is_some())
+    }
+
+    /// Embeds one text on the lane of the calling thread (one of the lanes' pool).
+    fn embed_on_lane(&self, text: &str) -> Result<Vec<f32>, ModelError> {
+        let Backend::Onnx { lanes, token_types, output, .. } = &self.backend else {
+            return Err(ModelError::Runtime("this embedder has no lanes".into()));
+        };
+        let session = &lanes.sessions[rayon::current_thread_index().unwrap_or(0) % lanes.sessions.len()];
+        let encoding = self.tokenizer.encode(text, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut v = self.forward_onnx(&[&encoding], session, *token_types, *output)?;
+        v.pop().ok_or_else(|| ModelError::Runtime("a run gave no embedding".into()))
+    }
+
     /// Token count of `text` without truncation (for tests and chunking decisions).
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+}
+
+impl crate::engine::Lanes for Embedder {
+    fn count(&self) -> usize {
+        match &self.backend {
+            Backend::Onnx { lanes, .. } => lanes.sessions.len(),
+            Backend::Candle { .. } => 0,
+        }
+    }
+
+    fn spawn(self: Arc<Self>, work: crate::engine::LaneWork) {
+        let Backend::Onnx { lanes: Lanes { threads: Some(threads), .. }, .. } = &self.backend else {
+            // no lanes: the work runs here, each text on the whole embedder
+            let embedder = self.clone();
+            work(&move |text: &str| embedder.embed(&[text]).map(|mut v| v.pop().unwrap_or_default()));
+            return;
+        };
+        let embedder = self.clone();
+        threads.spawn(move || {
+            // a panic must not reach rayon, which would abort the process (the work's own
+            // guards still run while it unwinds)
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&|text: &str| embedder.embed_on_lane(text))));
+        });
     }
 }
 

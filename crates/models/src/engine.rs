@@ -175,6 +175,18 @@ pub struct Described {
     pub embedders: Vec<(String, String)>,
 }
 
+/// Work for a lane: it gets the function that embeds one text on that lane.
+pub type LaneWork = Box<dyn FnOnce(&dyn Fn(&str) -> Result<Vec<f32>, ModelError>) + Send>;
+
+/// An embedder that runs texts side by side, one text per run on each of its lanes (ONNX
+/// Runtime's CPU lanes): the scheduler hands a lane its work and goes on.
+pub trait Lanes: Send + Sync {
+    /// How many lanes run side by side.
+    fn count(&self) -> usize;
+    /// Runs `work` on a lane's thread.
+    fn spawn(self: Arc<Self>, work: LaneWork);
+}
+
 /// What the scheduler of the model process computes; a trait so the batching can be tested
 /// without a model.
 pub trait Compute {
@@ -194,6 +206,10 @@ pub trait Compute {
     /// scheduler.
     fn language_model(&mut self, spec: &ModelSpec) -> Result<Arc<Generator>, ModelError> {
         Err(ModelError::Invalid(format!("model \"{}\" cannot run jobs here", spec.name)))
+    }
+    /// The lanes of `spec`'s embedder (loaded on first use), if it has them.
+    fn lanes(&mut self, _spec: &ModelSpec) -> Result<Option<Arc<dyn Lanes>>, ModelError> {
+        Ok(None)
     }
 }
 
@@ -227,5 +243,10 @@ impl Compute for Engine {
 
     fn language_model(&mut self, spec: &ModelSpec) -> Result<Arc<Generator>, ModelError> {
         self.generator(spec)
+    }
+
+    fn lanes(&mut self, spec: &ModelSpec) -> Result<Option<Arc<dyn Lanes>>, ModelError> {
+        let e = self.embedder(spec)?;
+        Ok(e.has_lanes().then(|| e as Arc<dyn Lanes>))
     }
 }

@@ -10,6 +10,13 @@
 //! arriving together from several backends share a pass, and one large request is cut into
 //! passes that others can join.
 //!
+//! Lanes: an embedder that runs texts side by side (ONNX Runtime on a CPU with several cores,
+//! one text per run on each lane) gets a pass whenever one of its lanes is free, of that lane's
+//! share of the pending texts, and runs it on the lane while the scheduler goes on; each request
+//! is answered as soon as its last text is done. So no lane waits for another to end its pass
+//! (on 2 cores, 8 connections embedding one row at a time reach the rate of two single-core runs
+//! side by side). A lone text on idle lanes is a pass on all cores, here.
+//!
 //! Generation: each request becomes a stream; every scheduler turn runs one decoding step for
 //! all live streams of one model together (a new stream's whole prompt rides along in the same
 //! step), alternating with embedding passes so neither starves.
@@ -44,12 +51,17 @@ struct Job {
     conn: u64,
     spec: ModelSpec,
     texts: Vec<String>,
-    out: Vec<Vec<f32>>,
+    /// Texts handed to a pass (or to the lanes) so far, the first `taken`.
+    taken: usize,
+    /// Each text's embedding once computed, and how many are.
+    out: Vec<Option<Vec<f32>>>,
+    done: usize,
     reply: Reply,
 }
 
-/// An embedding pass: the model, its texts, and how many texts each request gave, as (job, count).
-type Pass = (ModelSpec, Vec<String>, Vec<(u64, usize)>);
+/// An embedding pass: the model, its texts, which texts of which requests they are, as
+/// (job, first text, count), and whether it runs on one of the model's lanes.
+type Pass = (ModelSpec, Vec<String>, Vec<(u64, usize, usize)>, bool);
 
 /// What the scheduler takes each turn: new generations, connections closed, models wanted by
 /// jobs, and the next embedding pass.
@@ -83,6 +95,8 @@ struct Queue {
     closed: Vec<u64>,
     /// Language models wanted by jobs on connection threads.
     loads: Vec<(ModelSpec, Loaded)>,
+    /// Lanes running a pass, by embedder.
+    lanes_busy: HashMap<ModelSpec, usize>,
 }
 
 type Loaded = mpsc::Sender<Result<Arc<Generator>, crate::ModelError>>;
@@ -224,7 +238,7 @@ impl Shared {
                 }
                 Ok(Request::Embed { model, texts }) => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    let job = Job { id, conn, spec: model, out: Vec::with_capacity(texts.len()), texts, reply: reply.clone() };
+                    let job = Job { id, conn, spec: model, taken: 0, out: vec![None; texts.len()], done: 0, texts, reply: reply.clone() };
                     self.jobs.lock().unwrap_or_else(|p| p.into_inner()).embed.push_back(job);
                     self.ready.notify_one();
                 }
@@ -247,10 +261,16 @@ impl Shared {
     /// Waits until there is work (unless `busy`: streams are live), then takes the new
     /// generation requests, the connections closed meanwhile, and the next embedding pass: the
     /// oldest request's model and up to BATCH of its pending texts taken from every request for
-    /// that model, oldest first, as (model, texts, [(job, count)]).
-    fn next_work(&self, busy: bool) -> Work {
+    /// that model, oldest first. An embedder with lanes (`lanes`: how many, by model) gets a pass
+    /// only when a lane is free, of its share of the pending texts; a lone text on idle lanes
+    /// is a pass on all cores.
+    fn next_work(&self, busy: bool, lanes: &HashMap<ModelSpec, usize>) -> Work {
         let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = |q: &Queue| !busy && q.embed.is_empty() && q.generate.is_empty() && q.closed.is_empty() && q.loads.is_empty();
+        let untaken = |j: &Job| j.taken < j.texts.len();
+        // free lanes of a model: None when it has none
+        let free = |q: &Queue, spec: &ModelSpec| lanes.get(spec).map(|&n| n.saturating_sub(q.lanes_busy.get(spec).copied().unwrap_or(0)));
+        let ready = |q: &Queue, j: &Job| untaken(j) && free(q, &j.spec) != Some(0);
+        let idle = |q: &Queue| !busy && !q.embed.iter().any(|j| ready(q, j)) && q.generate.is_empty() && q.closed.is_empty() && q.loads.is_empty();
         if idle(&q) {
             // A connection that embeds one row at a time leaves the queue empty between its
             // requests for well under TRIM_AFTER: trimming then would hand the heap back after
@@ -270,24 +290,49 @@ impl Shared {
         let new: Vec<GenJob> = q.generate.drain(..).collect();
         let closed = std::mem::take(&mut q.closed);
         let loads = std::mem::take(&mut q.loads);
-        let Some(first) = q.embed.front() else { return (new, closed, loads, None) };
+        let Some(first) = q.embed.iter().find(|j| ready(&q, j)) else { return (new, closed, loads, None) };
         let spec = first.spec.clone();
-        let mut texts = Vec::with_capacity(BATCH);
+        let pending: usize = q.embed.iter().filter(|j| j.spec == spec).map(|j| j.texts.len() - j.taken).sum();
+        let running = q.lanes_busy.get(&spec).copied().unwrap_or(0);
+        let (limit, on_lanes) = match free(&q, &spec) {
+            Some(free) if pending > 1 || running > 0 => (pending.div_ceil(free).clamp(1, BATCH), true),
+            _ => (BATCH, false),
+        };
+        let mut texts = Vec::with_capacity(limit);
         let mut parts = Vec::new();
-        for job in q.embed.iter().filter(|j| j.spec == spec) {
-            let start = job.out.len();
-            let n = (job.texts.len() - start).min(BATCH - texts.len());
+        for job in q.embed.iter_mut().filter(|j| j.spec == spec && untaken(j)) {
+            let start = job.taken;
+            let n = (job.texts.len() - start).min(limit - texts.len());
             texts.extend(job.texts[start..start + n].iter().cloned());
-            parts.push((job.id, n));
-            if texts.len() == BATCH {
+            job.taken += n;
+            parts.push((job.id, start, n));
+            if texts.len() == limit {
                 break;
             }
         }
-        (new, closed, loads, Some((spec, texts, parts)))
+        if on_lanes {
+            *q.lanes_busy.entry(spec.clone()).or_default() += 1;
+        }
+        (new, closed, loads, Some((spec, texts, parts, on_lanes)))
+    }
+
+    /// A lane finished its pass: it is free for the next.
+    fn lane_free(&self, spec: &ModelSpec) {
+        let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = q.lanes_busy.get_mut(spec) {
+            *n = n.saturating_sub(1);
+        }
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    /// Whether request `id` still waits for its embeddings (not cancelled, not failed).
+    fn wanted(&self, id: u64) -> bool {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).embed.iter().any(|j| j.id == id)
     }
 
     /// Hands a pass's results to its requests and answers the ones now complete.
-    fn finish_batch(&self, parts: &[(u64, usize)], result: Result<Vec<Vec<f32>>, crate::ModelError>) {
+    fn finish_batch(&self, parts: &[(u64, usize, usize)], result: Result<Vec<Vec<f32>>, crate::ModelError>) {
         let mut answers = Vec::new();
         {
             let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -295,19 +340,23 @@ impl Shared {
             match result {
                 Ok(vectors) => {
                     let mut vectors = vectors.into_iter();
-                    for &(id, n) in parts {
+                    for &(id, start, n) in parts {
                         let taken: Vec<Vec<f32>> = vectors.by_ref().take(n).collect();
                         // A request cancelled during the pass is gone: its part is discarded.
                         let Some(pos) = jobs.iter().position(|j| j.id == id) else { continue };
-                        jobs[pos].out.extend(taken);
-                        if jobs[pos].out.len() == jobs[pos].texts.len() {
+                        let job = &mut jobs[pos];
+                        for (slot, v) in job.out[start..start + n].iter_mut().zip(taken) {
+                            *slot = Some(v);
+                        }
+                        job.done += n;
+                        if job.done == job.texts.len() {
                             let job = jobs.remove(pos).expect("position is in range");
-                            answers.push((job.reply, Response::Embeddings(job.out)));
+                            answers.push((job.reply, Response::Embeddings(job.out.into_iter().map(Option::unwrap_or_default).collect())));
                         }
                     }
                 }
                 Err(e) => {
-                    for &(id, _) in parts {
+                    for &(id, _, _) in parts {
                         if let Some(pos) = jobs.iter().position(|j| j.id == id) {
                             let job = jobs.remove(pos).expect("position is in range");
                             answers.push((job.reply, Response::Error(e.clone())));
@@ -344,8 +393,12 @@ pub fn serve<C: Compute>(listener: UnixListener, mut compute: C) -> ! {
         })
         .expect("spawning the accept thread");
     let mut live: Vec<Live<C::Stream>> = Vec::new();
+    // embedders' lanes, looked up after their first pass
+    let mut lanes: HashMap<ModelSpec, Arc<dyn crate::engine::Lanes>> = HashMap::new();
+    let mut lane_counts: HashMap<ModelSpec, usize> = HashMap::new();
+    let mut no_lanes: std::collections::HashSet<ModelSpec> = std::collections::HashSet::new();
     loop {
-        let (new, closed, loads, pass) = shared.next_work(!live.is_empty());
+        let (new, closed, loads, pass) = shared.next_work(!live.is_empty(), &lane_counts);
         live.retain(|l| !closed.contains(&l.conn));
         for (spec, loaded) in loads {
             let _ = loaded.send(guarded(|| compute.language_model(&spec)));
@@ -356,18 +409,37 @@ pub fn serve<C: Compute>(listener: UnixListener, mut compute: C) -> ! {
                 Err(e) => send(&job.reply, &Response::Error(e)),
             }
         }
-        if let Some((spec, texts, parts)) = pass {
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let result = guarded(|| compute.embed(&spec, &refs)).and_then(|v| {
-                if v.len() == refs.len() {
-                    Ok(v)
-                } else {
-                    Err(crate::ModelError::Runtime(format!("{} inputs gave {} embeddings", refs.len(), v.len())))
-                }
-            });
+        if let Some((spec, texts, parts, on_lanes)) = pass {
             shared.batches.fetch_add(1, Ordering::Relaxed);
             shared.batched_texts.fetch_add(texts.len() as u64, Ordering::Relaxed);
-            shared.finish_batch(&parts, result);
+            match lanes.get(&spec).filter(|_| on_lanes) {
+                // on a lane, while the scheduler goes on: each request is answered as soon as
+                // its last text is done, and a lane never waits for the others
+                Some(lane) => lane.clone().spawn(lane_work(shared.clone(), spec, texts, parts)),
+                None => {
+                    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    let result = guarded(|| compute.embed(&spec, &refs)).and_then(|v| {
+                        if v.len() == refs.len() {
+                            Ok(v)
+                        } else {
+                            Err(crate::ModelError::Runtime(format!("{} inputs gave {} embeddings", refs.len(), v.len())))
+                        }
+                    });
+                    let loaded = result.is_ok();
+                    shared.finish_batch(&parts, result);
+                    if loaded && !lanes.contains_key(&spec) && !no_lanes.contains(&spec) {
+                        match guarded(|| compute.lanes(&spec)) {
+                            Ok(Some(lane)) => {
+                                lane_counts.insert(spec.clone(), lane.count());
+                                lanes.insert(spec, lane);
+                            }
+                            _ => {
+                                no_lanes.insert(spec);
+                            }
+                        }
+                    }
+                }
+            }
         }
         if !live.is_empty() {
             decode_step(&shared, &mut compute, &mut live);
@@ -375,6 +447,29 @@ pub fn serve<C: Compute>(listener: UnixListener, mut compute: C) -> ! {
         shared.streams.store(live.len() as u64, Ordering::Relaxed);
         *shared.describe.lock().unwrap_or_else(|p| p.into_inner()) = compute.describe();
     }
+}
+
+/// A pass for a lane: each text still wanted is embedded and handed to its request at once;
+/// the lane is free again when the pass ends, even by a panic.
+fn lane_work(shared: Arc<Shared>, spec: ModelSpec, texts: Vec<String>, parts: Vec<(u64, usize, usize)>) -> crate::engine::LaneWork {
+    struct Release(Arc<Shared>, ModelSpec);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.lane_free(&self.1);
+        }
+    }
+    Box::new(move |embed| {
+        let release = Release(shared, spec);
+        let shared = &release.0;
+        let mut texts = texts.into_iter();
+        for (id, start, n) in parts {
+            for (i, text) in (start..start + n).zip(texts.by_ref()) {
+                if shared.wanted(id) {
+                    shared.finish_batch(&[(id, i, 1)], embed(&text).map(|v| vec![v]));
+                }
+            }
+        }
+    })
 }
 
 /// A generation being decoded.
@@ -444,6 +539,35 @@ mod tests {
         passes: Arc<Mutex<Vec<usize>>>,
         computed: Arc<AtomicUsize>,
         steps: Arc<Mutex<Vec<usize>>>,
+        /// Lanes for the model "laned".
+        lanes: Arc<FakeLanes>,
+    }
+
+    /// Two lanes: a text takes 10 ms; counts the texts computed, and the most computed at once.
+    #[derive(Default)]
+    struct FakeLanes {
+        computed: AtomicUsize,
+        running: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    impl crate::engine::Lanes for FakeLanes {
+        fn count(&self) -> usize {
+            2
+        }
+
+        fn spawn(self: Arc<Self>, work: crate::engine::LaneWork) {
+            std::thread::spawn(move || {
+                work(&|text: &str| {
+                    let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+                    self.most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(10));
+                    self.computed.fetch_add(1, Ordering::SeqCst);
+                    self.running.fetch_sub(1, Ordering::SeqCst);
+                    Ok(vec![text.len() as f32, text.bytes().next().unwrap_or(0) as f32])
+                })
+            });
+        }
     }
 
     struct FakeStream {
@@ -498,6 +622,10 @@ mod tests {
         fn describe(&self) -> crate::engine::Described {
             crate::engine::Described { device: Some("cpu".into()), models: vec!["fake".into()], embedders: Vec::new() }
         }
+
+        fn lanes(&mut self, spec: &ModelSpec) -> Result<Option<Arc<dyn crate::engine::Lanes>>, ModelError> {
+            Ok((spec.name == "laned").then(|| self.lanes.clone() as Arc<dyn crate::engine::Lanes>))
+        }
     }
 
     fn spec(name: &str) -> ModelSpec {
@@ -511,11 +639,17 @@ mod tests {
     }
 
     fn start() -> (std::path::PathBuf, Arc<Mutex<Vec<usize>>>, Arc<AtomicUsize>) {
-        let (path, passes, computed, _) = start_with_steps();
+        let (path, passes, computed, _, _) = start_with_lanes();
         (path, passes, computed)
     }
 
     fn start_with_steps() -> (std::path::PathBuf, Arc<Mutex<Vec<usize>>>, Arc<AtomicUsize>, Arc<Mutex<Vec<usize>>>) {
+        let (path, passes, computed, steps, _) = start_with_lanes();
+        (path, passes, computed, steps)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start_with_lanes() -> (std::path::PathBuf, Arc<Mutex<Vec<usize>>>, Arc<AtomicUsize>, Arc<Mutex<Vec<usize>>>, Arc<FakeLanes>) {
         let dir = std::env::temp_dir().join(format!("lorag-serve-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.sock");
@@ -523,9 +657,50 @@ mod tests {
         let passes = Arc::new(Mutex::new(Vec::new()));
         let computed = Arc::new(AtomicUsize::new(0));
         let steps = Arc::new(Mutex::new(Vec::new()));
-        let fake = Fake { passes: passes.clone(), computed: computed.clone(), steps: steps.clone() };
+        let lanes = Arc::new(FakeLanes::default());
+        let fake = Fake { passes: passes.clone(), computed: computed.clone(), steps: steps.clone(), lanes: lanes.clone() };
         std::thread::spawn(move || serve(listener, fake));
-        (path, passes, computed, steps)
+        (path, passes, computed, steps, lanes)
+    }
+
+    #[test]
+    fn lanes_take_texts_as_they_free_and_answer_each_request() {
+        let (path, passes, _, _, lanes) = start_with_lanes();
+        let laned = ModelSpec::new("laned", "/nowhere", None, "cpu");
+        // a lone text on idle lanes runs in a pass on all cores
+        assert!(matches!(call(&path, &Request::Embed { model: laned.clone(), texts: vec!["one".into()] }), Response::Embeddings(v) if v == vec![vec![3.0, b'o' as f32]]));
+        assert_eq!(passes.lock().unwrap().clone(), vec![1]);
+        assert_eq!(lanes.computed.load(Ordering::SeqCst), 0);
+        // several requests: on the lanes, both busy at once, each request its own answers in order
+        let clients: Vec<_> = (0..8u8)
+            .map(|c| {
+                let (path, laned) = (path.clone(), laned.clone());
+                std::thread::spawn(move || {
+                    let texts: Vec<String> = (0..3).map(|i| format!("{}{}", (b'a' + c) as char, "y".repeat(i))).collect();
+                    (texts.clone(), call(&path, &Request::Embed { model: laned, texts }))
+                })
+            })
+            .collect();
+        for client in clients {
+            let (texts, response) = client.join().unwrap();
+            let Response::Embeddings(v) = response else { panic!("{response:?}") };
+            let expected: Vec<Vec<f32>> = texts.iter().map(|t| vec![t.len() as f32, t.as_bytes()[0] as f32]).collect();
+            assert_eq!(v, expected);
+        }
+        assert!(lanes.computed.load(Ordering::SeqCst) >= 21, "the lanes computed {}", lanes.computed.load(Ordering::SeqCst));
+        assert_eq!(lanes.most.load(Ordering::SeqCst), 2, "the two lanes ran side by side");
+        // a closed connection's texts left on the lanes are not computed
+        let before = lanes.computed.load(Ordering::SeqCst);
+        {
+            let mut s = UnixStream::connect(&path).unwrap();
+            s.write_all(&encode(&Request::Embed { model: laned.clone(), texts: vec!["z".into(); 200] })).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(lanes.running.load(Ordering::SeqCst), 0);
+        assert!(lanes.computed.load(Ordering::SeqCst) - before < 100, "computed {} texts for nobody", lanes.computed.load(Ordering::SeqCst) - before);
+        let Response::Status(st) = call(&path, &Request::Status) else { panic!() };
+        assert_eq!(st.queue_depth, 0);
     }
 
     fn gen(prompt: &str, max_tokens: usize) -> Request {
