@@ -277,7 +277,8 @@ impl Shared {
             // every request, and the next one would fault it in again.
             let (woken, timeout) = self.ready.wait_timeout_while(q, TRIM_AFTER, |q| idle(q)).unwrap_or_else(|p| p.into_inner());
             q = woken;
-            if timeout.timed_out() {
+            // (not while lanes compute: the scheduler waits for them, it is not idle)
+            if timeout.timed_out() && q.lanes_busy.values().all(|&n| n == 0) {
                 // Idle a while: hand the freed activations back to the OS, so the process's
                 // memory is the models plus what the current work needs, not its past peak.
                 // Safety: plain libc call, no invariants.
