@@ -99,6 +99,9 @@ struct Queue {
     lanes_busy: HashMap<ModelSpec, usize>,
 }
 
+/// Embedders' lanes by model, looked up after a model's first pass (`None`: it has none).
+type LaneSets = HashMap<ModelSpec, Option<Arc<dyn crate::engine::Lanes>>>;
+
 type Loaded = mpsc::Sender<Result<Arc<Generator>, crate::ModelError>>;
 
 #[derive(Default)]
@@ -261,14 +264,17 @@ impl Shared {
     /// Waits until there is work (unless `busy`: streams are live), then takes the new
     /// generation requests, the connections closed meanwhile, and the next embedding pass: the
     /// oldest request's model and up to BATCH of its pending texts taken from every request for
-    /// that model, oldest first. An embedder with lanes (`lanes`: how many, by model) gets a pass
+    /// that model, oldest first. An embedder with lanes (`lanes`) gets a pass
     /// only when a lane is free, of its share of the pending texts; a lone text on idle lanes
     /// is a pass on all cores.
-    fn next_work(&self, busy: bool, lanes: &HashMap<ModelSpec, usize>) -> Work {
+    fn next_work(&self, busy: bool, lanes: &LaneSets) -> Work {
         let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let untaken = |j: &Job| j.taken < j.texts.len();
         // free lanes of a model: None when it has none
-        let free = |q: &Queue, spec: &ModelSpec| lanes.get(spec).map(|&n| n.saturating_sub(q.lanes_busy.get(spec).copied().unwrap_or(0)));
+        let free = |q: &Queue, spec: &ModelSpec| {
+            let lanes = lanes.get(spec)?.as_ref()?;
+            Some(lanes.count().saturating_sub(q.lanes_busy.get(spec).copied().unwrap_or(0)))
+        };
         let ready = |q: &Queue, j: &Job| untaken(j) && free(q, &j.spec) != Some(0);
         let idle = |q: &Queue| !busy && !q.embed.iter().any(|j| ready(q, j)) && q.generate.is_empty() && q.closed.is_empty() && q.loads.is_empty();
         if idle(&q) {
@@ -394,12 +400,9 @@ pub fn serve<C: Compute>(listener: UnixListener, mut compute: C) -> ! {
         })
         .expect("spawning the accept thread");
     let mut live: Vec<Live<C::Stream>> = Vec::new();
-    // embedders' lanes, looked up after their first pass
-    let mut lanes: HashMap<ModelSpec, Arc<dyn crate::engine::Lanes>> = HashMap::new();
-    let mut lane_counts: HashMap<ModelSpec, usize> = HashMap::new();
-    let mut no_lanes: std::collections::HashSet<ModelSpec> = std::collections::HashSet::new();
+    let mut lanes = LaneSets::new();
     loop {
-        let (new, closed, loads, pass) = shared.next_work(!live.is_empty(), &lane_counts);
+        let (new, closed, loads, pass) = shared.next_work(!live.is_empty(), &lanes);
         live.retain(|l| !closed.contains(&l.conn));
         for (spec, loaded) in loads {
             let _ = loaded.send(guarded(|| compute.language_model(&spec)));
@@ -413,7 +416,7 @@ pub fn serve<C: Compute>(listener: UnixListener, mut compute: C) -> ! {
         if let Some((spec, texts, parts, on_lanes)) = pass {
             shared.batches.fetch_add(1, Ordering::Relaxed);
             shared.batched_texts.fetch_add(texts.len() as u64, Ordering::Relaxed);
-            match lanes.get(&spec).filter(|_| on_lanes) {
+            match lanes.get(&spec).and_then(Option::as_ref).filter(|_| on_lanes) {
                 // on a lane, while the scheduler goes on: each request is answered as soon as
                 // its last text is done, and a lane never waits for the others
                 Some(lane) => lane.clone().spawn(lane_work(shared.clone(), spec, texts, parts)),
@@ -428,16 +431,9 @@ pub fn serve<C: Compute>(listener: UnixListener, mut compute: C) -> ! {
                     });
                     let loaded = result.is_ok();
                     shared.finish_batch(&parts, result);
-                    if loaded && !lanes.contains_key(&spec) && !no_lanes.contains(&spec) {
-                        match guarded(|| compute.lanes(&spec)) {
-                            Ok(Some(lane)) => {
-                                lane_counts.insert(spec.clone(), lane.count());
-                                lanes.insert(spec, lane);
-                            }
-                            _ => {
-                                no_lanes.insert(spec);
-                            }
-                        }
+                    if loaded && !lanes.contains_key(&spec) {
+                        let found = guarded(|| compute.lanes(&spec)).ok().flatten();
+                        lanes.insert(spec, found);
                     }
                 }
             }
