@@ -112,19 +112,12 @@ const INT64: i32 = 7;
 pub fn runs_on_cpu(device: &str, library: &str) -> Result<bool, ModelError> {
     let choice = DeviceChoice::parse(device)?;
     load_runtime(library)?;
-    Ok(match choice {
-        DeviceChoice::Cpu => true,
-        DeviceChoice::Auto => !has_cuda(),
-        DeviceChoice::Cuda(_) => false,
-    })
+    Ok(cuda_device(choice)?.is_none())
 }
 
-/// [`session`], with `threads` threads per run (ONNX Runtime's default: one per core) and the
-/// model's initializers taken from `shared` (the CPU only).
-pub fn session_with(path: &Path, bytes: &[u8], device: &str, library: &str, threads: Option<usize>, shared: Option<&SharedWeights>) -> Result<(Session, String), ModelError> {
-    let choice = DeviceChoice::parse(device)?;
-    let env = load_runtime(library)?;
-    let cuda = match choice {
+/// The CUDA device sessions on `choice` ask for (`None`: the CPU). ONNX Runtime must be loaded.
+fn cuda_device(choice: DeviceChoice) -> Result<Option<usize>, ModelError> {
+    Ok(match choice {
         DeviceChoice::Cpu => None,
         DeviceChoice::Auto => has_cuda().then_some(0),
         DeviceChoice::Cuda(n) => {
@@ -136,7 +129,15 @@ pub fn session_with(path: &Path, bytes: &[u8], device: &str, library: &str, thre
             }
             Some(n)
         }
-    };
+    })
+}
+
+/// [`session`], with `threads` threads per run (ONNX Runtime's default: one per core) and the
+/// model's initializers taken from `shared` (the CPU only).
+pub fn session_with(path: &Path, bytes: &[u8], device: &str, library: &str, threads: Option<usize>, shared: Option<&SharedWeights>) -> Result<(Session, String), ModelError> {
+    let choice = DeviceChoice::parse(device)?;
+    let env = load_runtime(library)?;
+    let cuda = cuda_device(choice)?;
     let build = |cuda: Option<usize>| -> Result<Session, ModelError> {
         let builder = Session::builder(env).map_err(|e| ModelError::Runtime(e.to_string()))?;
         let builder = match cuda {
