@@ -48,6 +48,13 @@ struct Lanes {
     threads: Option<rayon::ThreadPool>,
 }
 
+impl Lanes {
+    /// The session of the lane whose thread calls (one of `threads`).
+    fn here(&self) -> &Mutex<ort::session::Session> {
+        &self.sessions[rayon::current_thread_index().unwrap_or(0) % self.sessions.len()]
+    }
+}
+
 /// Lanes at most, however many cores: each lane is a session, and more than a few buy little
 /// once every lane has several cores.
 const MAX_LANES: usize = 4;
@@ -252,7 +259,7 @@ impl Embedder {
                 }
                 Ok(out)
             };
-            let results = threads.broadcast(|thread| lane(&lanes.sessions[thread.index()]));
+            let results = threads.broadcast(|_| lane(lanes.here()));
             for r in results {
                 for (i, v) in r? {
                     vectors[i] = v;
@@ -348,9 +355,8 @@ impl Embedder {
         let Backend::Onnx { lanes, token_types, output, .. } = &self.backend else {
             return Err(ModelError::Runtime("this embedder has no lanes".into()));
         };
-        let session = &lanes.sessions[rayon::current_thread_index().unwrap_or(0) % lanes.sessions.len()];
         let encoding = self.tokenizer.encode(text, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let mut v = self.forward_onnx(&[&encoding], session, *token_types, *output)?;
+        let mut v = self.forward_onnx(&[&encoding], lanes.here(), *token_types, *output)?;
         v.pop().ok_or_else(|| ModelError::Runtime("a run gave no embedding".into()))
     }
 
