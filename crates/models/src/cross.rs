@@ -102,14 +102,14 @@ pub type StepReport<'a> = &'a mut dyn FnMut(usize, usize, f32, f32) -> bool;
 fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&w.t()?)?.broadcast_add(b)?;
+    let y = lorag_lora::ops::linear(&x.reshape((rows, dims[dims.len() - 1]))?, w, b)?;
     let mut out = dims;
     *out.last_mut().expect("a tensor has dims") = w.dim(0)?;
     y.reshape(out)
 }
 
 fn layer_norm(x: &Tensor, g: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    lorag_lora::ops::normalize(x, eps as f32)?.broadcast_mul(g)?.broadcast_add(b)
+    lorag_lora::ops::layer_norm(x, g, b, eps as f32)
 }
 
 /// A small deterministic generator (splitmix64) for shuffling and the head's initialisation.
@@ -242,8 +242,7 @@ impl CrossEncoder {
             let q = heads_of(linear(&x, &w(0), &w(1))?)?;
             let k = heads_of(linear(&x, &w(2), &w(3))?)?;
             let v = heads_of(linear(&x, &w(4), &w(5))?)?;
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
-            let p = lorag_lora::ops::softmax(&scores.contiguous()?)?;
+            let p = lorag_lora::ops::attention_softmax(&q.matmul(&k.t()?.contiguous()?)?, scale, &bias)?;
             let ctx = p.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, s, h))?;
             let a = linear(&ctx, &w(6), &w(7))?;
             x = layer_norm(&(x + a)?, &w(8), &w(9), c.layer_norm_eps)?;
