@@ -264,6 +264,9 @@ impl CustomOp3 for Linear {
         }
         let mut y = vec![0f32; rows * out];
         for_rows(&mut y, out, |_, row| row.copy_from_slice(b));
+        if y.is_empty() || inner == 0 {
+            return Ok((CpuStorage::F32(y), Shape::from((rows, out))));
+        }
         let threads = rayon::current_num_threads();
         let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         // Safety: y is rows × out, x rows × inner and w out × inner, all row-major (checked above
@@ -531,6 +534,8 @@ mod tests {
         let g = (linear(&x, &wd, &bd).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(g.get(&wd).is_none() && g.get(&bd).is_none() && g.get(&x).is_some());
         assert!(linear(&x, &var(&[19, 23]), &b).is_err());
+        let empty = linear(&Tensor::zeros((0, 24), DType::F32, &dev).unwrap(), &w, &b).unwrap();
+        assert_eq!(empty.dims(), &[0, 19]);
         assert!(layer_norm(&x, &gamma, &beta, 1e-5).is_err());
     }
 }
