@@ -160,7 +160,7 @@ train_reranker() {
         echo "minilm-reranker: Cranfield not found at $data (set LORAG_DATA_DIR): no default reranker, rerank() needs a registered one" >&2
         return
     fi
-    echo "minilm-reranker: training a cross-encoder on Cranfield queries 1-150 (35-45 minutes on 2 cores)"
+    echo "minilm-reranker: training a cross-encoder on Cranfield queries 1-150 (20-25 minutes on 2 cores)"
     (cd "$ROOT" && cargo run -q -p lorag-models --bin lorag-train-reranker -- \
         "$DIR/all-MiniLM-L6-v2" "$data" "$dest" --onnxruntime "$DIR/onnxruntime/libonnxruntime.so.$ORT_VERSION")
     touch "$dest/.complete"

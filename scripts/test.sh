@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make test`: every test, on the models of `make models`. Training the default reranker (in
-# `make models`) takes half an hour and keeps only a little over one of two cores busy, so it runs
+# `make models`) takes 20-25 minutes and leaves part of the two cores idle, so it runs
 # in the background while the tests that do not need it (the pure crates', the #[pg_test]s) build
 # and run at a lower priority on what it leaves; the SQL-level tests, which rerank, follow.
 set -euo pipefail
