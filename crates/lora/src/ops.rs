@@ -96,13 +96,15 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 
 /// Attention's softmax(scale · scores + mask) over the last dimension of `scores` (batch, ..., keys)
 /// with an additive `mask` of batch × keys values (0 for a key to attend, a large negative number
-/// for padding), shaped to broadcast over `scores` (batch, 1, 1, keys).
+/// for padding), shaped (batch, 1, ..., 1, keys) to broadcast over `scores`.
 pub fn attention_softmax(scores: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
     if !fused(scores) {
         return candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?.contiguous()?);
     }
     let (batch, keys) = (scores.dim(0)?, scores.dim(D::Minus1)?);
-    if scores.rank() < 2 || mask.elem_count() != batch * keys {
+    let (rank, dims) = (scores.rank(), mask.dims());
+    let fits = rank >= 2 && dims.len() == rank && dims[0] == batch && dims[rank - 1] == keys && dims[1..rank - 1].iter().all(|&d| d == 1);
+    if !fits {
         candle_core::bail!("attention mask {:?} does not fit scores {:?}", mask.shape(), scores.shape());
     }
     let mask = mask.flatten_all()?.to_vec1::<f32>()?;
@@ -354,6 +356,9 @@ fn rows_per_task(cols: usize) -> usize {
 
 /// `f(row index, row)` for every row of `cols` values of `out`, on all cores.
 fn for_rows(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if out.is_empty() {
+        return; // also the case of rows of no values
+    }
     let per = rows_per_task(cols);
     out.par_chunks_mut(cols * per).enumerate().for_each(|(t, rows)| {
         rows.chunks_mut(cols).enumerate().for_each(|(i, row)| f(t * per + i, row));
@@ -363,6 +368,9 @@ fn for_rows(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) 
 /// [`for_rows`] where `f` also adds into `sums` column sums of `cols` values each: the sums of
 /// every task are added in task order, so they come out the same whichever thread ran what.
 fn for_rows_summing(out: &mut [f32], cols: usize, sums: usize, f: impl Fn(usize, &mut [f32], &mut [Vec<f32>]) + Sync) -> Vec<Vec<f32>> {
+    if out.is_empty() {
+        return vec![vec![0f32; cols]; sums];
+    }
     let per = rows_per_task(cols);
     let parts: Vec<Vec<Vec<f32>>> = out
         .par_chunks_mut(cols * per)
@@ -536,6 +544,17 @@ mod tests {
         assert!(linear(&x, &var(&[19, 23]), &b).is_err());
         let empty = linear(&Tensor::zeros((0, 24), DType::F32, &dev).unwrap(), &w, &b).unwrap();
         assert_eq!(empty.dims(), &[0, 19]);
+        let none = Var::zeros((0, 24), DType::F32, &dev).unwrap();
+        let y = linear(&x, &none, &Var::zeros(0, DType::F32, &dev).unwrap()).unwrap();
+        assert_eq!(y.dims(), &[37, 0]);
+        assert!(y.sum_all().unwrap().backward().unwrap().get(&none).is_some());
+        let scores = var(&[2, 3, 4, 0]);
+        let p = attention_softmax(&scores, 1.0, &Tensor::zeros((2, 1, 1, 0), DType::F32, &dev).unwrap()).unwrap();
+        assert!(p.sum_all().unwrap().backward().unwrap().get(&scores).is_some());
+        // a mask must be (batch, 1, 1, keys): the same number of values in another shape is refused
+        let scores = var(&[2, 3, 4, 4]);
+        assert!(attention_softmax(&scores, 1.0, &Tensor::zeros((2, 1, 4, 1), DType::F32, &dev).unwrap()).is_err());
+        assert!(attention_softmax(&scores, 1.0, &Tensor::zeros((2, 1, 1, 4), DType::F32, &dev).unwrap()).is_ok());
         assert!(layer_norm(&x, &gamma, &beta, 1e-5).is_err());
     }
 }
