@@ -402,14 +402,16 @@ impl CustomOp1 for GeluErf {
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
-        let x = arg.detach().flatten_all()?.to_vec1::<f32>()?;
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         // d/dx x·Φ(x) = Φ(x) + x·φ(x), φ(x) = e^(−x²/2) / √(2π)
         let density = 0.5 * FRAC_1_SQRT_2 * FRAC_2_SQRT_PI;
-        let dx = map_elements(&x, Some(&g), |x, g| {
-            let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * FRAC_1_SQRT_2));
-            g * (cdf + x * density * (-0.5 * x * x).exp())
-        });
+        let dx = with_values(arg, |x| {
+            with_values(grad, |g| {
+                Ok(map_elements(x, Some(g), |x, g| {
+                    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * FRAC_1_SQRT_2));
+                    g * (cdf + x * density * (-0.5 * x * x).exp())
+                }))
+            })
+        })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -439,24 +441,26 @@ impl CustomOp1 for CrossEntropy {
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (rows, vocab) = arg.dims2()?;
-        let x = arg.detach().flatten_all()?.to_vec1::<f32>()?;
         let g = grad.to_vec1::<f32>()?;
         let mut dx = vec![0f32; rows * vocab];
-        dx.par_chunks_mut(vocab).zip(x.par_chunks(vocab)).zip(self.targets.par_iter().zip(g.par_iter())).for_each(
-            |((d, row), (&t, &gr))| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in d.iter_mut().zip(row) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                let k = gr / sum;
-                for o in d.iter_mut() {
-                    *o *= k;
-                }
-                d[t as usize] -= gr;
-            },
-        );
+        with_values(arg, |x| {
+            dx.par_chunks_mut(vocab).zip(x.par_chunks(vocab)).zip(self.targets.par_iter().zip(g.par_iter())).for_each(
+                |((d, row), (&t, &gr))| {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for (o, &v) in d.iter_mut().zip(row) {
+                        *o = (v - max).exp();
+                        sum += *o;
+                    }
+                    let k = gr / sum;
+                    for o in d.iter_mut() {
+                        *o *= k;
+                    }
+                    d[t as usize] -= gr;
+                },
+            );
+            Ok(())
+        })?;
         Ok(Some(Tensor::from_vec(dx, (rows, vocab), arg.device())?))
     }
 }
